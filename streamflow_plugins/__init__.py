@@ -1,0 +1,1 @@
+"""StreamFlow plugins shipped with xffl-cwl (registered through the unito.streamflow.plugin entry point)."""

@@ -1,0 +1,27 @@
+"""Aggregation memory does not grow with the number of updates and stays under half a model.
+
+Runs the benchmark in benchmarks/aggregate_memory.py (real CLI, real 400 MB model, 2 and 8
+updates) and checks its figures; the benchmark prints them for the record.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from aggregate_memory import run  # noqa: E402
+
+
+def test_peak_rss_is_bounded_and_flat_in_updates(tmp_path):
+    figures = run(tmp_path, [2, 8], "bench-400mb")
+    model, baseline = figures["model_bytes"], figures["baseline_rss"]
+    assert 380e6 < model < 450e6
+    two, eight = figures["runs"][2], figures["runs"][8]
+    # every update was really read: 8 updates move four times the bytes of 2
+    assert eight["bytes_read"] > 3 * two["bytes_read"]
+    assert eight["peak_rss"] - baseline < model / 2
+    assert two["peak_rss"] - baseline < model / 2
+    assert eight["peak_rss"] <= 1.10 * two["peak_rss"]

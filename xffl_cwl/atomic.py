@@ -1,0 +1,50 @@
+"""Outputs appear whole or not at all: write beside the target, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from xffl_cwl.errors import InputError
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Refuse to overwrite anything: an existing non-empty output is somebody's data."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{option} {path} already exists and is not empty; choose a new path or remove it")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, option: str = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    check_output_dir(path, option)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()  # empty, checked above
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file through a temporary sibling."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
