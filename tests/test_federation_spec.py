@@ -1,0 +1,102 @@
+"""federation.yml: typed objects from a good file, one line naming the key for every mistake."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from conftest import run_cli
+from xffl_cwl.errors import InputError
+from xffl_cwl.federation import load_federation
+
+GOOD = """\
+name: demo
+rounds: 2
+model: {model}
+test_set: {test}
+training:
+  local_steps: 5
+  seq_len: 64
+  lora: {{r: 4}}
+aggregation:
+  strategy: fedadam
+  betas: [0.8, 0.9]
+  min_updates: 2
+facilities:
+  - name: leonardo
+    dataset: {data}/leonardo
+  - name: lumi
+    dataset: {data}/lumi
+    deployment: {{kind: local, workdir: elsewhere/lumi}}
+    training: {{batch_size: 2, epochs: 1}}
+"""
+
+
+@pytest.fixture
+def write(tmp_path, demo_assets):
+    def _write(text: str, **extra) -> object:
+        path = tmp_path / "federation.yml"
+        path.write_text(text.format(model=demo_assets.model, test=demo_assets.test_set, data=demo_assets.model.parent / "data", **extra))
+        return path
+
+    return _write
+
+
+def test_good_federation_parses_into_typed_objects(write, tmp_path):
+    spec = load_federation(write(GOOD))
+    assert spec.name == "demo" and spec.rounds == 2
+    assert spec.aggregation.strategy == "fedadam" and spec.aggregation.betas == (0.8, 0.9)
+    leonardo, lumi = spec.facilities
+    assert leonardo.training.local_steps == 5 and leonardo.training.lora.r == 4 and leonardo.training.batch_size == 8
+    # a facility's epochs replace the federation's local_steps
+    assert lumi.training.epochs == 1 and lumi.training.local_steps is None and lumi.training.seq_len == 64
+    assert lumi.deployment.workdir == (tmp_path / "elsewhere" / "lumi").resolve()
+
+
+MISTAKES = {
+    "unknown key": ("  strategy: fedadam\n", "  strategy: fedadam\n  stratgy: x\n", "aggregation.stratgy: unknown key; expected one of strategy"),
+    "missing field": ("rounds: 2\n", "", "rounds: is required"),
+    "rounds below 1": ("rounds: 2\n", "rounds: 0\n", "rounds: must be at least 1, got 0"),
+    "unsafe name": ("  - name: lumi\n", "  - name: Lumi-2\n", "facilities[1].name: 'Lumi-2' is not a safe facility name"),
+    "js-unsafe name": ("  - name: lumi\n", "  - name: lumi.x\n", "facilities[1].name: 'lumi.x' is not a safe facility name"),
+    "reserved name": ("  - name: lumi\n", "  - name: aggregator\n", "facilities[1].name: 'aggregator' is reserved"),
+    "duplicate": ("  - name: lumi\n", "  - name: leonardo\n", "facilities[1].name: duplicate facility 'leonardo'"),
+    "bad type": ("  local_steps: 5\n", "  local_steps: five\n", "training.local_steps: must be an integer, got 'five'"),
+    "both steps and epochs": ("  local_steps: 5\n", "  local_steps: 5\n  epochs: 2\n", "training: give local_steps or epochs, not both"),
+    "bad strategy": ("  strategy: fedadam\n", "  strategy: fedprox\n", "aggregation.strategy: must be one of fedavg"),
+    "missing dataset": ("    dataset: {data}/leonardo\n", "    dataset: nowhere\n", "facilities[0].dataset:"),
+    "min_updates too high": ("  min_updates: 2\n", "  min_updates: 3\n", "aggregation.min_updates: is 3 but there are only 2 facilities"),
+    "bad federation name": ("name: demo\n", "name: My Demo\n", "name: 'My Demo' is not a safe name"),
+    "unknown deployment kind": ("kind: local, workdir", "kind: kubernetes, workdir", "facilities[1].deployment.kind: must be one of"),
+    "bad lora key": ("  lora: {{r: 4}}\n", "  lora: {{rank: 4}}\n", "training.lora.rank: unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_every_mistake_is_one_line_naming_the_key(write, tmp_path, case):
+    old, new, message = MISTAKES[case]
+    assert old in GOOD
+    path = write(GOOD.replace(old, new))
+    with pytest.raises(InputError) as info:
+        load_federation(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("federation.yml: ")
+    proc = run_cli("generate", path, "-o", tmp_path / "run")
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_errors_and_missing_files(tmp_path):
+    bad = tmp_path / "federation.yml"
+    bad.write_text("name: [unclosed\n")
+    proc = run_cli("generate", bad, "-o", tmp_path / "run")
+    assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
+    dup = tmp_path / "dup.yml"
+    dup.write_text(textwrap.dedent("name: a\nname: b\n"))
+    proc = run_cli("generate", dup, "-o", tmp_path / "run")
+    assert proc.returncode == 2 and "dup.yml" in proc.stderr
+    proc = run_cli("generate", tmp_path / "absent.yml", "-o", tmp_path / "run")
+    assert proc.returncode == 2 and "absent.yml" in proc.stderr
+    assert not (tmp_path / "run").exists()

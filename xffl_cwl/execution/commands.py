@@ -1,0 +1,57 @@
+"""The external runners, found next to this interpreter, and their validation modes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from xffl_cwl.errors import InputError
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (preferred) or from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise InputError(f"`{name}` is not installed in this environment; run `pip install -e .[test]` (cwltool) or reinstall xffl-cwl")
+    return found
+
+
+def runner_env(run_dir: Path) -> dict[str, str]:
+    """StreamFlow puts unbound steps and scratch under $TMPDIR/streamflow: keep that inside the run folder."""
+    tmp = Path(run_dir).resolve() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
+def default_sigint() -> None:
+    """In the child: take SIGINT by default, even if we were started with it ignored (background jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])
+
+
+def cwltool_validate(main: Path) -> str | None:
+    """None if cwltool accepts the workflow, else the end of its complaint."""
+    proc = subprocess.run([executable("cwltool"), "--validate", "--enable-ext", str(main)], capture_output=True, text=True)
+    return None if proc.returncode == 0 else f"cwltool --validate: {_last_lines(proc.stderr + proc.stdout)}"
+
+
+def streamflow_validate(run_dir: Path) -> str | None:
+    proc = subprocess.run(
+        [executable("streamflow"), "run", "--validate", "streamflow.yml"],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        env=runner_env(run_dir),
+    )
+    return None if proc.returncode == 0 else f"streamflow run --validate: {_last_lines(proc.stderr + proc.stdout)}"

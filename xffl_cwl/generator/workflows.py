@@ -1,0 +1,217 @@
+"""The federation as CWL objects: main.cwl (the loop over rounds) and round.cwl (one round).
+
+Built with cwl-utils' object model. round.cwl holds one self-contained `train_<facility>` step
+per facility, its settings written out as defaults, so adding a facility by hand is copying a
+block; the aggregate step lists every update as a source (no JavaScript merge step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cwl_utils.parser.cwl_v1_2 as cwl
+
+from xffl_cwl.federation.spec import AggregationSettings, FacilitySpec, FederationSpec, TrainingSettings
+
+CWLTOOL_NAMESPACE = "http://commonwl.org/cwltool#"
+TRAIN_OUTPUTS = ["update", "metrics", "log"]
+CUDA_HINT = {"class": "cwltool:CUDARequirement", "cudaVersionMin": "11.8", "cudaComputeCapability": "7.0"}
+
+
+def loading_options() -> cwl.LoadingOptions:
+    from schema_salad.fetcher import DefaultFetcher
+
+    # A fetcher without an HTTP session: emitting CWL never needs the network (or a cache dir).
+    return cwl.LoadingOptions(fetcher=DefaultFetcher({}, None), namespaces={"cwltool": CWLTOOL_NAMESPACE})
+
+
+def train_step_id(facility: str) -> str:
+    return f"train_{facility}"
+
+
+def dataset_input_id(facility: str) -> str:
+    return f"dataset_{facility}"
+
+
+def _training_defaults(t: TrainingSettings) -> dict[str, Any]:
+    """The settings a train step spells out: the main ones always, the rest when not the tool's default."""
+    values: dict[str, Any] = {"mode": t.mode}
+    if t.epochs is not None:
+        values["epochs"] = t.epochs
+    else:
+        values["local_steps"] = t.local_steps
+    values |= {"batch_size": t.batch_size, "lr": t.lr, "seq_len": t.seq_len, "seed": t.seed, "precision": t.precision}
+    tool_defaults = TrainingSettings()
+    for key in ("grad_accum", "warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction", "text_field"):
+        if getattr(t, key) != getattr(tool_defaults, key):
+            values[key] = getattr(t, key)
+    if t.mode == "lora":
+        values |= {"lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_targets": ",".join(t.lora.targets)}
+        if t.lora.dropout:
+            values["lora_dropout"] = t.lora.dropout
+    return values
+
+
+def _aggregation_defaults(a: AggregationSettings, mode: str) -> dict[str, Any]:
+    values: dict[str, Any] = {"strategy": a.strategy, "min_updates": a.min_updates}
+    if a.server_lr is not None:
+        values["server_lr"] = a.server_lr
+    if a.strategy in ("fedavgm", "nesterov"):
+        values["momentum"] = a.momentum
+    if a.strategy in ("fedadam", "fedyogi"):
+        values |= {"betas": f"{a.betas[0]},{a.betas[1]}", "tau": a.tau}
+    if mode == "lora":
+        values["lora_merge"] = a.lora_merge
+    if a.weighting != "samples":
+        values["weighting"] = a.weighting
+    return values
+
+
+def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowStep:
+    inputs = [
+        cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="dataset", source=dataset_input_id(facility.name), loadingOptions=lo),
+        cwl.WorkflowStepInput(id="facility", default=facility.name, loadingOptions=lo),
+        cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
+    ]
+    inputs += [cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo) for k, v in _training_defaults(facility.training).items()]
+    hints = [dict(CUDA_HINT, cudaDeviceCountMin=facility.deployment.gpus)] if facility.deployment.gpus else None
+    return cwl.WorkflowStep(
+        id=train_step_id(facility.name),
+        label=f"Local training at {facility.name}",
+        run="tools/train.cwl",
+        in_=inputs,
+        out=TRAIN_OUTPUTS,
+        hints=hints,
+        loadingOptions=lo,
+    )
+
+
+def build_round(spec: FederationSpec) -> cwl.Workflow:
+    lo = loading_options()
+    facility_inputs = [
+        cwl.WorkflowInputParameter(id=dataset_input_id(f.name), type_=["File", "Directory"], label=f"Dataset of {f.name}", loadingOptions=lo)
+        for f in spec.facilities
+    ]
+    aggregate_inputs = [
+        cwl.WorkflowStepInput(id="global_model", source="model", loadingOptions=lo),
+        cwl.WorkflowStepInput(
+            id="updates",
+            source=[f"{train_step_id(f.name)}/update" for f in spec.facilities],
+            linkMerge="merge_flattened",
+            loadingOptions=lo,
+        ),
+        cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
+    ] + [cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo) for k, v in _aggregation_defaults(spec.aggregation, spec.training.mode).items()]
+    evaluate_inputs = [
+        cwl.WorkflowStepInput(id="model", source="aggregate/model", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="dataset", source="test_set", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="previous_history", source="history", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="seq_len", default=spec.training.seq_len, loadingOptions=lo),
+        cwl.WorkflowStepInput(id="batch_size", default=spec.eval_batch_size, loadingOptions=lo),
+    ]
+    return cwl.Workflow(
+        id="round",
+        cwlVersion="v1.2",
+        label=f"One round of federation {spec.name}",
+        doc=(
+            "Every facility fine-tunes the global model on its own data (train_<facility>), the aggregator merges\n"
+            "their updates into the next global model (aggregate) and evaluate appends the round to the history.\n"
+            "To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in\n"
+            "main.cwl, and its update to aggregate's sources (see the README)."
+        ),
+        requirements=[cwl.MultipleInputFeatureRequirement(loadingOptions=lo)],
+        inputs=[
+            cwl.WorkflowInputParameter(id="model", type_="Directory", label="Global model of this round", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="state", type_=["null", "Directory"], label="Server-optimizer state", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="round", type_="int", label="Round number", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="history", type_="File", label="History so far", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo),
+            *facility_inputs,
+        ],
+        outputs=[
+            cwl.WorkflowOutputParameter(id="new_model", type_="Directory", outputSource="aggregate/model", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(id="new_state", type_=["null", "Directory"], outputSource="aggregate/state", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(id="new_history", type_="File", outputSource="evaluate/history", loadingOptions=lo),
+        ],
+        steps=[
+            *(_train_step(f, lo) for f in spec.facilities),
+            cwl.WorkflowStep(id="aggregate", label="Merge the updates", run="tools/aggregate.cwl", in_=aggregate_inputs, out=["model", "state", "metrics", "log"], loadingOptions=lo),
+            cwl.WorkflowStep(id="evaluate", label="Record the round", run="tools/evaluate.cwl", in_=evaluate_inputs, out=["history", "log"], loadingOptions=lo),
+        ],
+        loadingOptions=lo,
+    )
+
+
+def build_main(spec: FederationSpec) -> cwl.Workflow:
+    lo = loading_options()
+    datasets = [dataset_input_id(f.name) for f in spec.facilities]
+    loop = cwl.Loop(
+        loopWhen="$(inputs.round <= inputs.rounds)",
+        loop=[
+            cwl.LoopInput(id="model", loopSource="new_model", loadingOptions=lo),
+            cwl.LoopInput(id="state", loopSource="new_state", loadingOptions=lo),
+            cwl.LoopInput(id="history", loopSource="new_history", loadingOptions=lo),
+            cwl.LoopInput(id="round", valueFrom="$(inputs.round + 1)", loadingOptions=lo),
+        ],
+        outputMethod="last",
+        loadingOptions=lo,
+    )
+    federation_inputs = [
+        cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="round", source="first_round", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="rounds", source="rounds", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="history", source="baseline/history", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="test_set", source="test_set", loadingOptions=lo),
+        *(cwl.WorkflowStepInput(id=d, source=d, loadingOptions=lo) for d in datasets),
+    ]
+    baseline_inputs = [
+        cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="dataset", source="test_set", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="round", source="first_round", valueFrom="$(self - 1)", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="seq_len", default=spec.training.seq_len, loadingOptions=lo),
+        cwl.WorkflowStepInput(id="batch_size", default=spec.eval_batch_size, loadingOptions=lo),
+    ]
+    return cwl.Workflow(
+        id="main",
+        cwlVersion="v1.2",
+        label=f"Federation {spec.name}",
+        doc=(
+            f"Federated fine-tuning across {', '.join(f.name for f in spec.facilities)}.\n"
+            "baseline records the initial model, then round.cwl runs once per round under cwltool:Loop,\n"
+            "carrying the global model, the server-optimizer state, the round number and the history."
+        ),
+        requirements=[
+            cwl.SubworkflowFeatureRequirement(loadingOptions=lo),
+            cwl.InlineJavascriptRequirement(loadingOptions=lo),
+            cwl.StepInputExpressionRequirement(loadingOptions=lo),
+        ],
+        inputs=[
+            cwl.WorkflowInputParameter(id="model", type_="Directory", label="Initial global model", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="rounds", type_="int", label="Number of the last round", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="first_round", type_="int", default=1, label="Number of the first round (above 1 to resume)", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="state", type_=["null", "Directory"], label="Server-optimizer state to resume from", loadingOptions=lo),
+            cwl.WorkflowInputParameter(id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo),
+            *(cwl.WorkflowInputParameter(id=d, type_=["File", "Directory"], label=f"Dataset of {d[len('dataset_'):]}", loadingOptions=lo) for d in datasets),
+        ],
+        outputs=[
+            cwl.WorkflowOutputParameter(id="final_model", type_="Directory", outputSource="federation/new_model", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(id="final_state", type_=["null", "Directory"], outputSource="federation/new_state", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(id="history", type_="File", outputSource="federation/new_history", loadingOptions=lo),
+        ],
+        steps=[
+            cwl.WorkflowStep(id="baseline", label="Record the initial model", run="tools/evaluate.cwl", in_=baseline_inputs, out=["history"], loadingOptions=lo),
+            cwl.WorkflowStep(
+                id="federation",
+                label="The federated rounds",
+                run="round.cwl",
+                in_=federation_inputs,
+                out=["new_model", "new_state", "new_history"],
+                requirements=[loop],
+                loadingOptions=lo,
+            ),
+        ],
+        loadingOptions=lo,
+    )

@@ -1,0 +1,1 @@
+"""Files shipped with the package: cwl/ and slurm/ of the repository, mapped here by pyproject.toml."""
