@@ -91,3 +91,61 @@ def write_federation(path: Path, assets, facilities: list[str], rounds: int = 2,
         f"aggregation:\n  strategy: fedavg\n  min_updates: {len(facilities)}\n{extra}facilities:\n{entries}"
     )
     return path
+
+
+FACILITIES_DIR = Path(os.environ.get("XFFL_FACILITIES_DIR", "/var/tmp/xffl-facilities"))
+
+
+@pytest.fixture(scope="session")
+def facilities() -> dict:
+    """The real SLURM + sshd facilities of scripts/facilities.sh, brought up if they are not (needs root)."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM facility tests start daemons and users: run them as root (CI does), after `bash scripts/facilities.sh up`")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "facilities.sh"), "up"], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/facilities.sh up failed:\n{proc.stderr[-3000:]}")
+    info = json.loads((FACILITIES_DIR / "facilities.json").read_text())
+    info["by_name"] = {f["name"]: f for f in info["facilities"]}
+    return info
+
+
+def jobcomp(facility: dict) -> list[dict[str, str]]:
+    """Finished SLURM jobs of a facility's cluster (its jobcomp/filetxt log), as key=value records."""
+    path = Path(facility["jobcomp"])
+    if not path.exists():
+        return []
+    return [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in path.read_text().splitlines() if line.strip()]
+
+
+def slurm_facility_yaml(facilities: dict, name: str, dataset: str, extra: str = "", **overrides: str) -> str:
+    """A facility entry of federation.yml for one of the test clusters."""
+    f = facilities["by_name"][name]
+    fields = {
+        "host": f["host"],
+        "port": str(f["port"]),
+        "username": f["username"],
+        "ssh_key": facilities["key"],
+        "known_hosts": facilities["known_hosts"],
+        "template": "generic",
+        "workdir": f["workdir"],
+        "polling_interval": "1",
+    } | overrides
+    body = "".join(f"      {k}: {v}\n" for k, v in fields.items())
+    return (
+        f"  - name: {name}\n    dataset: {dataset}\n    deployment:\n      kind: slurm\n{body}"
+        f"      sbatch: {{partition: {f['partition']}, time: \"00:10:00\"}}\n"
+        f"      setup: [\". {facilities['python_env']}/bin/activate\"]\n{extra}"
+    )
+
+
+def place_dataset(facility: dict, source: Path) -> str:
+    """Copy a dataset into the facility user's home, owned by that user: the data lives on the facility."""
+    import shutil
+
+    target = Path(facility["home"]) / "data" / source.name
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    subprocess.run(["chown", "-R", f"{facility['username']}:", str(target.parent)], check=True)
+    return str(target)

@@ -40,6 +40,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "xffl-cwl: %(message)s",
         stream=sys.stderr,
     )
+    if not debug:
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 for command in COMMANDS:

@@ -25,6 +25,7 @@ class RunFolder:
     settings: Path
     deployments: dict[str, dict[str, Any]]
     bindings: list[tuple[str, str]]  # (step path, deployment)
+    port_bindings: list[dict[str, Any]]
 
     @property
     def streamflow_yml(self) -> Path:
@@ -62,12 +63,13 @@ def read_run_folder(root: Path) -> RunFolder:
         main = root / workflow["config"]["file"]
         settings = root / workflow["config"]["settings"]
         bindings = [(b["step"], b["target"]["deployment"]) for b in workflow.get("bindings", []) if "step" in b]
+        port_bindings = [b for b in workflow.get("bindings", []) if "port" in b]
         deployments = dict(config.get("deployments") or {})
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"{root / 'streamflow.yml'} lacks workflows.<name>.config.file/settings or bindings") from exc
     if others:
         raise InputError(f"{root / 'streamflow.yml'} defines several workflows; xffl-cwl runs folders with one")
-    return RunFolder(root, name, main, settings, deployments, bindings)
+    return RunFolder(root, name, main, settings, deployments, bindings, port_bindings)
 
 
 def _fragment(uri: str) -> str:
@@ -113,6 +115,9 @@ def check_bindings(folder: RunFolder, paths: list[str]) -> list[str]:
             problems.append(f"binding {step} (to {deployment}) names no step of the workflow; StreamFlow would run that step on the local machine")
         if deployment not in folder.deployments:
             problems.append(f"binding {step} targets deployment {deployment!r}, which streamflow.yml does not define")
+    for binding in folder.port_bindings:
+        if binding.get("target", {}).get("deployment") not in folder.deployments:
+            problems.append(f"port binding {binding['port']} targets a deployment that streamflow.yml does not define")
     for name in folder.deployments:
         if not DEPLOYMENT_NAME.fullmatch(name):
             problems.append(f"deployment name {name!r} is not valid for StreamFlow (^[a-z][a-zA-Z0-9._-]*$)")
@@ -120,3 +125,19 @@ def check_bindings(folder: RunFolder, paths: list[str]) -> list[str]:
         if folder.deployment_of(step) is None:
             problems.append(f"step {step} has no binding; add one to streamflow.yml (it would run on the local machine)")
     return problems
+
+
+def job_order(folder: RunFolder) -> dict[str, Any]:
+    order = _yaml(folder.settings)
+    if not isinstance(order, dict):
+        raise InputError(f"{folder.settings} must be a mapping of workflow inputs")
+    return order
+
+
+def preflight_targets(folder: RunFolder):
+    """The facilities the run uses (every deployment a binding names), ready for xffl_cwl.preflight."""
+    from xffl_cwl.preflight import targets_from_streamflow
+
+    names = list(dict.fromkeys(d for _, d in folder.bindings if d in folder.deployments))
+    config = {"deployments": folder.deployments}
+    return targets_from_streamflow(config, folder.port_bindings, job_order(folder), folder.root, names)

@@ -1,6 +1,7 @@
 """Thin click commands over the library's plain functions; only click is imported here."""
 
 from xffl_cwl.commands.aggregate import aggregate_command
+from xffl_cwl.commands.check import check_command
 from xffl_cwl.commands.demo import demo_command
 from xffl_cwl.commands.demo_assets import demo_assets_command
 from xffl_cwl.commands.evaluate import evaluate_command
@@ -18,4 +19,5 @@ COMMANDS = [
     generate_command,
     validate_command,
     run_command,
+    check_command,
 ]

@@ -24,13 +24,14 @@ def report(result, run_dir: Path) -> None:
 @click.option("--outdir", type=click.Path(path_type=Path), help="Where the final model and history go (default RUN_DIR/out).")
 @click.option("--timeout", type=float, help="Stop the run after this many seconds.")
 @click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds StreamFlow gets to stop by itself after a failure.")
+@click.option("--no-check", is_flag=True, help="Skip the SSH preflight of the SLURM facilities.")
 @click.pass_context
-def run_command(ctx: click.Context, run_dir: Path, outdir: Path | None, timeout: float | None, grace: float) -> None:
+def run_command(ctx: click.Context, run_dir: Path, outdir: Path | None, timeout: float | None, grace: float, no_check: bool) -> None:
     """Run RUN_DIR/streamflow.yml; a failed facility stops the run and is named."""
     from xffl_cwl.execution.supervisor import run
 
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     say = lambda text: click.echo(f"xffl-cwl: {text}", err=True)  # noqa: E731
     raw = (lambda text: click.echo(text, err=True)) if debug else None
-    result = run(run_dir, outdir, debug=debug, timeout=timeout, grace=grace, say=say, raw=raw)
+    result = run(run_dir, outdir, debug=debug, timeout=timeout, grace=grace, say=say, raw=raw, check=not no_check)
     report(result, run_dir)

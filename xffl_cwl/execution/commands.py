@@ -36,8 +36,10 @@ def default_sigint() -> None:
 
 
 def _last_lines(text: str, n: int = 3) -> str:
+    """The telling part of a runner's complaint: schema errors if any, else its last lines."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines[-n:])
+    schema_errors = list(dict.fromkeys(line[2:] for line in lines if line.startswith("- ")))
+    return " | ".join(schema_errors[:n] if schema_errors else lines[-n:])
 
 
 def cwltool_validate(main: Path) -> str | None:

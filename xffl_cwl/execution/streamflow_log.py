@@ -52,7 +52,9 @@ class LogParser:
     def feed(self, line: str) -> list[Event]:
         match = LINE.match(line.rstrip("\n"))
         if not match:
-            return []
+            # A job's output is logged as one record: its later lines carry no timestamp.
+            stripped = line.strip()
+            return self._summary(stripped) if stripped.startswith("{") else []
         level, message = match["level"], match["message"].strip()
         if m := EXECUTING.match(message):
             event = Event("started", m["step"], m["job"], iteration_of(m["job"]), m["directory"], m["location"])

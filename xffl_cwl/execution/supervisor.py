@@ -98,13 +98,40 @@ class _Progress:
         if event.directory is None or log_name is None:
             return str(self.folder.root / LOG_NAME), None
         path = Path(event.directory) / log_name
-        if event.location is not None and not path.exists():
-            return f"{deployment}:{path}", None
+        if (self.folder.deployments.get(deployment) or {}).get("type") == "xffl-facility":
+            return f"{deployment}:{path}", self._remote_last_line(deployment, str(path))
         try:
             lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return str(path), None
         return str(path), (lines[-1][:300] if lines else None)
+
+
+    def _remote_last_line(self, deployment: str, path: str) -> str | None:
+        """The facility's copy of the log is the only one: read its last line over SSH."""
+        import asyncio
+
+        from xffl_cwl.preflight import remote_tail
+
+        config = (self.folder.deployments.get(deployment) or {}).get("config") or {}
+        try:
+            text = asyncio.run(asyncio.wait_for(remote_tail(config, self.folder.root, path, 1), 20))
+        except Exception:  # the failure report must not fail: without the line, the path is still named
+            return None
+        return text.strip()[:300] if text else None
+
+
+def preflight(folder: RunFolder) -> None:
+    """Every facility reachable and ready, or one line per problem and exit code 2, before StreamFlow starts."""
+    from xffl_cwl.preflight import run_checks
+    from xffl_cwl.run_folder import preflight_targets
+
+    targets = preflight_targets(folder)
+    if not any(t.kind == "slurm" for t in targets):
+        return
+    failed = [c for c in run_checks(targets) if c.ok is False]
+    if failed:
+        raise InputError("; ".join(f"facility {c.facility}: {c.what}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))
 
 
 def _read_inputs(folder: RunFolder) -> tuple[int, int]:
@@ -146,11 +173,14 @@ def run(
     grace: float = 10.0,
     say: Callable[[str], None] = print,
     raw: Callable[[str], None] | None = None,
+    check: bool = True,
 ) -> RunResult:
     """Run the folder's streamflow.yml to completion or to a reported failure, within bounded time."""
     root = Path(root).resolve()
     folder = read_run_folder(root)
     first_round, last_round = _read_inputs(folder)
+    if check:
+        preflight(folder)
     outdir = Path(outdir).resolve() if outdir else root / "out"
     if outdir.exists() and any(outdir.iterdir()):
         raise InputError(f"output folder {outdir} already holds an earlier run's results; remove it or pass --outdir")

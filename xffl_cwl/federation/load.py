@@ -17,15 +17,17 @@ from xffl_cwl.federation.spec import (
     FederationSpec,
     LocalDeployment,
     LoraSettings,
+    SlurmDeployment,
     TrainingSettings,
 )
+from xffl_cwl.slurm_templates import TemplateError, default_gpus, load_template
 
 # Facility names become CWL step ids (train_<name>), JavaScript-visible input names
 # (dataset_<name>) and StreamFlow deployment names (^[a-z][a-zA-Z0-9._-]*$): the intersection.
 FACILITY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 FEDERATION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_NAMES = frozenset({"aggregator"})
-DEPLOYMENT_KINDS = ("local",)
+DEPLOYMENT_KINDS = ("local", "slurm")
 
 
 class _Where:
@@ -172,16 +174,114 @@ def _aggregation(value: Any, where: _Where) -> AggregationSettings:
 
 
 def _deployment(value: Any, where: _Where, base: Path) -> Deployment:
-    """`local` or a mapping with `kind`; workdirs are resolved against federation.yml's folder."""
+    """`local`, or a mapping with `kind` (local or slurm); local paths are resolved against federation.yml's folder."""
     if isinstance(value, str):
         value = {"kind": value}
+    if not isinstance(value, Mapping) or "kind" not in value:
+        raise where.fail("must be `local` or a mapping with kind: local or kind: slurm")
+    kind = _choice(value["kind"], where / "kind", DEPLOYMENT_KINDS)
+    if kind == "slurm":
+        return _slurm(value, where, base)
     section = _mapping(value, where, ("kind", "workdir", "gpus"), ("kind",))
-    kind = _choice(section["kind"], where / "kind", DEPLOYMENT_KINDS)
     workdir = section.get("workdir")
     gpus = _int(section.get("gpus", 0), where / "gpus", 0)
-    if kind == "local":
-        return LocalDeployment(workdir=None if workdir is None else (base / _str(workdir, where / "workdir")).resolve(), gpus=gpus)
-    raise where.fail(f"deployment kind {kind!r} is not handled")  # pragma: no cover - _choice guards
+    return LocalDeployment(workdir=None if workdir is None else (base / _str(workdir, where / "workdir")).resolve(), gpus=gpus)
+
+
+SLURM_KEYS = (
+    "kind", "host", "port", "username", "ssh_key", "known_hosts", "check_host_key", "template", "sbatch", "container",
+    "setup", "workdir", "max_concurrent_jobs", "polling_interval", "connect_timeout", "retries", "retry_delay",
+)
+SBATCH_KEYS: dict[str, tuple[str, Callable[[Any, _Where], Any]]] = {
+    "account": ("account", _str),
+    "partition": ("partition", _str),
+    "qos": ("qos", _str),
+    "time": ("time", lambda v, w: _time(v, w)),
+    "nodes": ("nodes", lambda v, w: _int(v, w, 1)),
+    "gpus_per_node": ("gpusPerNode", lambda v, w: _int(v, w, 0)),
+    "cpus_per_task": ("cpusPerTask", lambda v, w: _int(v, w, 1)),
+    "mem": ("mem", _str),
+    "constraint": ("constraint", _str),
+    "reservation": ("reservation", _str),
+    "job_name": ("jobName", _str),
+    "extra": ("extra", lambda v, w: _flags(v, w)),
+}
+
+
+def _time(value: Any, where: _Where) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9:-]+", value):
+        raise where.fail(f"must be a SLURM time such as \"01:30:00\" (quote it in YAML), got {value!r}")
+    return value
+
+
+def _flags(value: Any, where: _Where) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("--") for v in value):
+        raise where.fail("must be a list of sbatch flags such as [\"--exclusive\"]")
+    return list(value)
+
+
+def _strings(value: Any, where: _Where) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise where.fail("must be a list of strings")
+    return list(value)
+
+
+def _local_file(value: Any, where: _Where, base: Path, what: str) -> Path:
+    path = (base / Path(_str(value, where)).expanduser()).resolve()
+    if not path.is_file():
+        raise where.fail(f"{path} does not exist; point it at {what}")
+    return path
+
+
+def _slurm(value: Mapping[str, Any], where: _Where, base: Path) -> SlurmDeployment:
+    section = _mapping(value, where, SLURM_KEYS, ("kind", "host", "username", "workdir"))
+    template = _str(section.get("template", "generic"), where / "template")
+    try:
+        text = load_template(template, base)
+    except TemplateError as exc:
+        raise (where / "template").fail(str(exc)) from exc
+    if "/" in template or template.endswith((".sh", ".j2", ".jinja2")):
+        template = str((base / Path(template).expanduser()).resolve())
+    sbatch_raw = _mapping(section.get("sbatch") or {}, where / "sbatch", tuple(SBATCH_KEYS))
+    sbatch = {SBATCH_KEYS[k][0]: SBATCH_KEYS[k][1](v, where / "sbatch" / k) for k, v in sbatch_raw.items()}
+    container_raw = _mapping(section.get("container") or {}, where / "container", ("runtime", "image", "options", "bind"))
+    container: dict[str, Any] = {}
+    if "runtime" in container_raw:
+        container["runtime"] = _choice(container_raw["runtime"], where / "container" / "runtime", ("apptainer", "singularity", "none"))
+    if "image" in container_raw:
+        container["image"] = _str(container_raw["image"], where / "container" / "image")
+    for key in ("options", "bind"):
+        if key in container_raw:
+            container[key] = _strings(container_raw[key], where / "container" / key)
+    workdir = _str(section["workdir"], where / "workdir")
+    if not workdir.startswith("/"):
+        raise (where / "workdir").fail(f"must be an absolute path on the facility, got {workdir!r}")
+    gpus, nvidia = default_gpus(text)
+    return SlurmDeployment(
+        host=_str(section["host"], where / "host"),
+        username=_str(section["username"], where / "username"),
+        workdir=workdir,
+        port=_int(section.get("port", 22), where / "port", 1),
+        ssh_key=None if section.get("ssh_key") is None else _local_file(section["ssh_key"], where / "ssh_key", base, "your private SSH key"),
+        known_hosts=None if section.get("known_hosts") is None else _local_file(section["known_hosts"], where / "known_hosts", base, "a known_hosts file with the login node's key"),
+        check_host_key=_bool(section.get("check_host_key", True), where / "check_host_key"),
+        template=template,
+        sbatch=sbatch,
+        container=container,
+        setup=tuple(_strings(section.get("setup") or [], where / "setup")),
+        max_concurrent_jobs=_int(section.get("max_concurrent_jobs", 4), where / "max_concurrent_jobs", 1),
+        polling_interval=_float(section.get("polling_interval", 5), where / "polling_interval", positive=True),
+        connect_timeout=_int(section.get("connect_timeout", 30), where / "connect_timeout", 1),
+        retries=_int(section.get("retries", 3), where / "retries", 1),
+        retry_delay=_int(section.get("retry_delay", 5), where / "retry_delay", 0),
+        gpus=sbatch.get("gpusPerNode", gpus) if nvidia else 0,
+    )
+
+
+def _bool(value: Any, where: _Where) -> bool:
+    if not isinstance(value, bool):
+        raise where.fail(f"must be true or false, got {value!r}")
+    return value
 
 
 def _facility(value: Any, where: _Where, base: Path, training: TrainingSettings) -> FacilitySpec:
@@ -197,6 +297,8 @@ def _facility(value: Any, where: _Where, base: Path, training: TrainingSettings)
     dataset = _str(section["dataset"], where / "dataset")
     if isinstance(deployment, LocalDeployment):
         dataset = str(_existing_path(dataset, where / "dataset", base, "this facility's dataset"))
+    elif not dataset.startswith("/"):
+        raise (where / "dataset").fail(f"must be an absolute path on the facility, got {dataset!r}")
     return FacilitySpec(name, dataset, deployment, _training(section.get("training"), where / "training", training))
 
 
@@ -221,6 +323,8 @@ def parse_federation(data: Any, source: Path) -> FederationSpec:
         training = training.merged({"local_steps": 100})
     aggregation = _aggregation(top.get("aggregation"), where / "aggregation")
     aggregator = _deployment(top.get("aggregator", "local"), where / "aggregator", base)
+    if not isinstance(aggregator, LocalDeployment):
+        raise (where / "aggregator").fail("the aggregator runs where StreamFlow runs: use local (the model and test set are read there)")
     facilities_raw = top["facilities"]
     if not isinstance(facilities_raw, list) or not facilities_raw:
         raise (where / "facilities").fail("must be a non-empty list of facilities")

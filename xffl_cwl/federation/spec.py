@@ -63,8 +63,31 @@ class LocalDeployment:
     gpus: int = 0
 
 
-# Later deployment kinds (SLURM over SSH) join this union.
-Deployment = LocalDeployment
+@dataclass(frozen=True)
+class SlurmDeployment:
+    """An HPC facility: SSH to its login node, each step a SLURM job (the xffl-facility StreamFlow plugin)."""
+
+    host: str
+    username: str
+    workdir: str
+    port: int = 22
+    ssh_key: Path | None = None
+    known_hosts: Path | None = None
+    check_host_key: bool = True
+    template: str = "generic"
+    sbatch: dict[str, Any] = field(default_factory=dict)  # streamflow.yml's keys: partition, gpusPerNode, ...
+    container: dict[str, Any] = field(default_factory=dict)  # runtime, image, options, bind
+    setup: tuple[str, ...] = ()
+    max_concurrent_jobs: int = 4
+    polling_interval: float = 5.0
+    connect_timeout: int = 30
+    retries: int = 3
+    retry_delay: int = 5
+    gpus: int = 0
+    kind: Literal["slurm"] = "slurm"
+
+
+Deployment = LocalDeployment | SlurmDeployment
 
 
 @dataclass(frozen=True)

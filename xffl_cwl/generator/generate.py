@@ -18,7 +18,8 @@ from xffl_cwl import __version__
 from xffl_cwl.errors import InputError
 from xffl_cwl.federation.spec import FederationSpec
 from xffl_cwl.generator.cwl_yaml import dump, tidy
-from xffl_cwl.generator.streamflow_config import build_streamflow_config, job_order
+from xffl_cwl.federation.spec import SlurmDeployment
+from xffl_cwl.generator.streamflow_config import build_streamflow_config, custom_template_path, is_template_file, job_order
 from xffl_cwl.generator.workflows import build_main, build_round
 
 TOOLS = ("train.cwl", "aggregate.cwl", "evaluate.cwl")
@@ -59,6 +60,9 @@ def render(spec: FederationSpec) -> dict[str, str]:
     tool_dir = resources.files("xffl_cwl.resources") / "cwl" / "tools"
     for tool in TOOLS:
         files[f"tools/{tool}"] = (tool_dir / tool).read_text(encoding="utf-8")
+    for facility in spec.facilities:
+        if isinstance(facility.deployment, SlurmDeployment) and is_template_file(facility.deployment.template):
+            files[custom_template_path(facility.name)] = Path(facility.deployment.template).read_text(encoding="utf-8")
     return files
 
 

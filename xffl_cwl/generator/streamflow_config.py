@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xffl_cwl.federation.spec import Deployment, FederationSpec, LocalDeployment
-from xffl_cwl.generator.workflows import train_step_id
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+from xffl_cwl.federation.spec import Deployment, FacilitySpec, FederationSpec, LocalDeployment, SlurmDeployment
+from xffl_cwl.generator.workflows import dataset_input_id, train_step_id
 
 AGGREGATOR = "aggregator"
 DATABASE = ".streamflow/sqlite.db"
@@ -21,8 +23,53 @@ def workdir_of(name: str, deployment: Deployment) -> str:
     return str(deployment.workdir)
 
 
-def deployment_entry(name: str, deployment: Deployment) -> dict[str, Any]:
+def custom_template_path(name: str) -> str:
+    """Where a facility's own SLURM template is copied inside the run folder."""
+    return f"slurm/{name}.sh"
+
+
+def is_template_file(template: str) -> bool:
+    return template.startswith("/")
+
+
+def _facility_config(name: str, d: SlurmDeployment, dataset: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"host": d.host, "port": d.port, "username": d.username}
+    if d.ssh_key is not None:
+        config["sshKey"] = str(d.ssh_key)
+    if d.known_hosts is not None:
+        config["knownHosts"] = str(d.known_hosts)
+    if not d.check_host_key:
+        config["checkHostKey"] = False
+    config["template"] = custom_template_path(name) if is_template_file(d.template) else d.template
+    if d.sbatch:
+        config["sbatch"] = dict(d.sbatch)
+        if "time" in d.sbatch:
+            config["sbatch"]["time"] = DoubleQuotedScalarString(d.sbatch["time"])  # 00:10:00 is a number to YAML 1.1
+    container = dict(d.container)
+    if container.get("runtime") != "none":
+        # The container must see the staged inputs (under the workdir) and the dataset, which stays in place.
+        binds = [d.workdir] + ([str(Path(dataset).parent)] if dataset else [])
+        container["bind"] = list(dict.fromkeys(container.get("bind", []) + binds))
+    if container:
+        config["container"] = container
+    if d.setup:
+        config["setup"] = list(d.setup)
+    config |= {"maxConcurrentJobs": d.max_concurrent_jobs, "pollingInterval": d.polling_interval}
+    for key, value, default in (("connectTimeout", d.connect_timeout, 30), ("retries", d.retries, 3), ("retryDelay", d.retry_delay, 5)):
+        if value != default:
+            config[key] = value
+    return config
+
+
+def deployment_entry(name: str, deployment: Deployment, dataset: str | None = None) -> dict[str, Any]:
+    if isinstance(deployment, SlurmDeployment):
+        return {"type": "xffl-facility", "config": _facility_config(name, deployment, dataset), "workdir": deployment.workdir}
     return {"type": "local", "config": {}, "workdir": workdir_of(name, deployment)}
+
+
+def _port_binding(facility: FacilitySpec) -> dict[str, Any]:
+    """The dataset already lives on the facility: StreamFlow must not look for it here, nor copy it."""
+    return {"port": f"/{dataset_input_id(facility.name)}", "target": {"deployment": facility.name, "workdir": str(Path(facility.dataset).parent)}}
 
 
 def bindings(spec: FederationSpec) -> list[tuple[str, str]]:
@@ -35,7 +82,8 @@ def bindings(spec: FederationSpec) -> list[tuple[str, str]]:
 
 def build_streamflow_config(spec: FederationSpec) -> dict[str, Any]:
     deployments = {AGGREGATOR: deployment_entry(AGGREGATOR, spec.aggregator)}
-    deployments |= {f.name: deployment_entry(f.name, f.deployment) for f in spec.facilities}
+    deployments |= {f.name: deployment_entry(f.name, f.deployment, f.dataset) for f in spec.facilities}
+    port_bindings = [_port_binding(f) for f in spec.facilities if isinstance(f.deployment, SlurmDeployment)]
     return {
         "version": "v1.0",
         "workflows": {
@@ -47,7 +95,7 @@ def build_streamflow_config(spec: FederationSpec) -> dict[str, Any]:
                     # The tools run on the bound target as they are; containers are the facility's business.
                     "docker": [{"step": "/", "deployment": {"type": "none", "config": {}}}],
                 },
-                "bindings": [{"step": step, "target": {"deployment": deployment}} for step, deployment in bindings(spec)],
+                "bindings": [{"step": step, "target": {"deployment": deployment}} for step, deployment in bindings(spec)] + port_bindings,
             }
         },
         "deployments": deployments,
@@ -67,5 +115,11 @@ def job_order(spec: FederationSpec) -> dict[str, Any]:
     if spec.test_set is not None:
         order["test_set"] = location(spec.test_set)
     for facility in spec.facilities:
-        order[f"dataset_{facility.name}"] = location(facility.dataset)
+        if isinstance(facility.deployment, SlurmDeployment):
+            # Relative to the port binding's workdir on the facility (see _port_binding).
+            suffix = Path(facility.dataset).suffix
+            kind = "File" if suffix in (".jsonl", ".json", ".txt", ".md") else "Directory"
+            order[dataset_input_id(facility.name)] = {"class": kind, "path": Path(facility.dataset).name}
+        else:
+            order[dataset_input_id(facility.name)] = location(facility.dataset)
     return order

@@ -1,0 +1,43 @@
+#!/bin/bash
+# xffl-cwl generic SLURM template: any cluster, no modules, no site network settings.
+# Set the facility's `sbatch:` options in federation.yml or streamflow.yml (none has a default here),
+# `setup:` lines (e.g. `module load apptainer`, or `. /path/to/venv/bin/activate`) and `container:`
+# (runtime apptainer|singularity|none [none], options [none], image).
+#SBATCH --job-name={{ job_name | default('xffl', true) }}
+{% if partition %}
+#SBATCH --partition={{ partition }}
+{% endif %}
+{% if qos %}
+#SBATCH --qos={{ qos }}
+{% endif %}
+{% if account %}
+#SBATCH --account={{ account }}
+{% endif %}
+{% if time %}
+#SBATCH --time={{ time }}
+{% endif %}
+#SBATCH --nodes={{ nodes | default(1, true) }}
+#SBATCH --ntasks-per-node=1
+{% if gpus_per_node %}
+#SBATCH --gpus-per-node={{ gpus_per_node }}
+{% endif %}
+{% if cpus_per_task %}
+#SBATCH --cpus-per-task={{ cpus_per_task }}
+{% endif %}
+{% if mem %}
+#SBATCH --mem={{ mem }}
+{% endif %}
+
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+{% for line in setup %}
+{{ line }}
+{% endfor %}
+
+{% set runtime = container_runtime | default('none', true) %}
+{% if runtime == 'none' %}
+bash <<'XFFL_EOF'
+{% else %}
+{{ runtime }} exec {{ container_options | default('', true) }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
+{% endif %}
+{{ streamflow_command }}
+XFFL_EOF

@@ -1,0 +1,1 @@
+"""The `xffl-facility` StreamFlow deployment: SLURM over SSH, one entry per facility."""

@@ -1,0 +1,198 @@
+"""The federation on two real SLURM clusters reached over SSH (scripts/facilities.sh), with the plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import jobcomp, place_dataset, run_cli, slurm_facility_yaml
+from xffl_cwl.federation import load_federation
+from xffl_cwl.generator import generate
+
+FACILITIES = ("leonardo", "lumi")
+
+
+def _federation(path: Path, demo_assets, entries: str, rounds: int = 2, steps: int = 5) -> Path:
+    path.write_text(
+        f"name: hpc\nrounds: {rounds}\nmodel: {demo_assets.model}\ntest_set: {demo_assets.test_set}\n"
+        f"training: {{local_steps: {steps}, seq_len: 64, lr: 0.003}}\n"
+        f"aggregation: {{strategy: fedavgm, min_updates: 2}}\nfacilities:\n{entries}"
+    )
+    return path
+
+
+def _squeue(facility: dict) -> list[str]:
+    proc = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": facility["slurm_conf"]})
+    return [line for line in proc.stdout.splitlines() if "xffl" in line]
+
+
+@pytest.fixture(scope="module")
+def datasets(facilities, demo_assets):
+    return {name: place_dataset(facilities["by_name"][name], demo_assets.datasets[name]) for name in FACILITIES}
+
+
+@pytest.fixture(scope="module")
+def slurm_run(facilities, demo_assets, datasets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hpc")
+    entries = "".join(slurm_facility_yaml(facilities, name, datasets[name]) for name in FACILITIES)
+    federation = _federation(root / "federation.yml", demo_assets, entries)
+    generate(load_federation(federation), root / "run")
+    before = {name: len(jobcomp(facilities["by_name"][name])) for name in FACILITIES}
+    proc = run_cli("run", root / "run", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new_jobs = {name: jobcomp(facilities["by_name"][name])[before[name]:] for name in FACILITIES}
+    return {"root": root, "run": root / "run", "federation": federation, "proc": proc, "jobs": new_jobs}
+
+
+def test_two_rounds_complete_on_slurm(slurm_run):
+    from transformers import AutoModelForCausalLM
+
+    history = [json.loads(line) for line in (slurm_run["run"] / "out" / "history.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]
+    assert set(history[-1]["facilities"]) == set(FACILITIES)
+    AutoModelForCausalLM.from_pretrained(slurm_run["run"] / "out" / "model", local_files_only=True)
+
+
+def test_every_training_step_was_a_slurm_job_on_its_own_cluster(slurm_run, facilities):
+    log = (slurm_run["run"] / "streamflow.log").read_text()
+    for name in FACILITIES:
+        facility = facilities["by_name"][name]
+        jobs = {job["Name"]: job for job in slurm_run["jobs"][name]}
+        assert sorted(jobs) == [f"xffl-train_{name}-0.0", f"xffl-train_{name}-0.1"], jobs.keys()
+        for job in jobs.values():
+            assert job["JobState"] == "COMPLETED"
+            assert job["UserId"].startswith(facility["username"] + "(")
+            assert job["WorkDir"].startswith(facility["workdir"] + "/")
+            assert job["NodeList"] == facility["node"]
+        for iteration in ("0.0", "0.1"):
+            scheduled = re.search(rf"Scheduled job /federation/train_{name}/{iteration} with job id (\d+) on {name}", log)
+            assert scheduled and scheduled[1] == jobs[f"xffl-train_{name}-{iteration}"]["JobId"]
+        # the data stayed on the facility: the train job read it from its own home, not from here
+        assert re.search(rf"COPYING from {re.escape(facility['home'])}/data/{name} to {re.escape(facility['workdir'])}/\S+ on location {name}/", log)
+
+
+def test_aggregation_and_evaluation_ran_on_the_aggregator(slurm_run):
+    log = (slurm_run["run"] / "streamflow.log").read_text()
+    for step in ("aggregate", "evaluate"):
+        lines = re.findall(rf"EXECUTING step /federation/{step} \(job \S+\) (.*) into directory (\S+?):?$", log, re.M)
+        assert len(lines) == 2
+        for where, directory in lines:
+            assert where == "locally" and directory.startswith(str(slurm_run["run"] / "work" / "aggregator"))
+    assert len(list((slurm_run["run"] / "work" / "aggregator").glob("*/model/aggregate.json"))) == 2
+    assert not any("aggregate" in job["Name"] or "evaluate" in job["Name"] for jobs in slurm_run["jobs"].values() for job in jobs)
+
+
+def test_check_finds_every_facility_ready(slurm_run):
+    proc = run_cli("check", slurm_run["federation"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split()[:3] for line in proc.stdout.splitlines()[1:]]
+    for name in FACILITIES:
+        assert {what: result for facility, what, result in rows if facility == name} == {
+            "template": "ok", "login": "ok", "sbatch": "ok", "partition": "ok", "xffl-cwl": "ok", "dataset": "ok", "workdir": "ok"
+        }
+
+
+@pytest.fixture
+def good_run(facilities, demo_assets, datasets, tmp_path):
+    """A valid run folder to break by hand, and a way to see that no job was submitted."""
+    entries = "".join(slurm_facility_yaml(facilities, name, datasets[name]) for name in FACILITIES)
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1)
+    generate(load_federation(federation), tmp_path / "run")
+    counts = lambda: [len(jobcomp(facilities["by_name"][n])) + len(_squeue(facilities["by_name"][n])) for n in FACILITIES]  # noqa: E731
+    return tmp_path / "run", counts
+
+
+BAD_CONFIG = {
+    "wrong key path": (r"sshKey: \S+", "sshKey: /nonexistent/id_ed25519", "ssh key", "/nonexistent/id_ed25519 does not exist"),
+    "unknown host key": (r"knownHosts: \S+", "knownHosts: {empty}", "host key", "127.0.0.1:2222 is not trusted by"),
+    "unreachable host": (r"port: 2222", "port: 2299", "reachable", "cannot reach 127.0.0.1:2299"),
+    "template without placeholder": (r"template: generic", "template: {broken}", "template", "has no {{streamflow_command}} placeholder"),
+    "unknown preset": (r"template: generic", "template: leonard", "template", "unknown SLURM template preset 'leonard'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG))
+def test_bad_facility_configuration_is_one_clear_error_before_any_job(good_run, tmp_path, case):
+    run, counts = good_run
+    pattern, replacement, check, detail = BAD_CONFIG[case]
+    (tmp_path / "empty_known_hosts").write_text("")
+    (run / "broken.sh").write_text("#!/bin/bash\n#SBATCH --time=5\necho the command is missing\n")
+    replacement = replacement.format(empty=tmp_path / "empty_known_hosts", broken="broken.sh")
+    config = (run / "streamflow.yml").read_text()
+    first = re.search(r"  leonardo:\n    type: xffl-facility\n(    .*\n)+", config)
+    (run / "streamflow.yml").write_text(config[: first.start()] + re.sub(pattern, replacement, first[0], count=1) + config[first.end() :])
+    before = counts()
+    started = time.monotonic()
+    proc = run_cli("run", run, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"facility leonardo: {check}: " in errors[0] and detail in errors[0], proc.stderr
+    assert time.monotonic() - started < 30
+    assert not (run / "streamflow.log").exists(), "StreamFlow must not have started"
+    assert counts() == before, "no SLURM job may have been submitted"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("ssh_key", "/nonexistent/key", "deployment.ssh_key: /nonexistent/key does not exist"),
+        ("template", "leonard", "deployment.template: unknown SLURM template preset 'leonard'"),
+        ("template", "{broken}", "has no {{streamflow_command}} placeholder"),
+    ],
+)
+def test_generate_refuses_bad_facilities(facilities, demo_assets, tmp_path, key, value, message):
+    (tmp_path / "broken.sh").write_text("#!/bin/bash\necho missing\n")
+    entry = slurm_facility_yaml(facilities, "leonardo", "/home/hpc_leonardo/data/leonardo", **{key: value.format(broken=tmp_path / "broken.sh")})
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entry)
+    federation.write_text(federation.read_text().replace("min_updates: 2", "min_updates: 1"))
+    proc = run_cli("generate", federation, "-o", tmp_path / "run")
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_host_key_fails_check_with_a_fix(facilities, demo_assets, datasets, tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"], known_hosts=str(tmp_path / "known_hosts"))
+    entries += slurm_facility_yaml(facilities, "lumi", datasets["lumi"])
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries)
+    proc = run_cli("check", federation)
+    assert proc.returncode == 1
+    rows = {tuple(line.split()[:3]) for line in proc.stdout.splitlines()}
+    assert ("leonardo", "host", "key") in rows or any(r[0] == "leonardo" and r[1] == "host" for r in rows)
+    assert "ssh-keyscan -p 2222 127.0.0.1 >>" in proc.stdout
+    assert ("lumi", "login", "ok") in rows and ("lumi", "workdir", "ok") in rows
+
+
+def test_a_failing_facility_is_named_and_the_others_jobs_are_cancelled(facilities, demo_assets, datasets, tmp_path):
+    lumi = facilities["by_name"]["lumi"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{not json\n')
+    broken_on_lumi = place_dataset(lumi, broken)
+    # leonardo trains for long enough to be still running when lumi fails
+    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]) + slurm_facility_yaml(facilities, "lumi", broken_on_lumi)
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1, steps=3000)
+    generate(load_federation(federation), tmp_path / "run")
+    before = len(jobcomp(facilities["by_name"]["leonardo"]))
+    started = time.monotonic()
+    proc = run_cli("run", tmp_path / "run", timeout=300)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1 and elapsed < 90, (elapsed, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("xffl-cwl run: error: facility lumi failed in round 1/1: ")
+    assert "broken.jsonl:2 is not valid JSON" in last  # read from the job's log on the facility
+    assert re.search(rf"read lumi:{re.escape(lumi['workdir'])}/\S+/train\.log$", last)
+    deadline = time.monotonic() + 15
+    while _squeue(facilities["by_name"]["leonardo"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _squeue(facilities["by_name"]["leonardo"]) == []
+    leonardo_jobs = jobcomp(facilities["by_name"]["leonardo"])[before:]
+    assert [(j["Name"], j["JobState"]) for j in leonardo_jobs] == [("xffl-train_leonardo-0.0", "CANCELLED")]
+    shutil.rmtree(Path(broken_on_lumi).parent / broken.name, ignore_errors=True)

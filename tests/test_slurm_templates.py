@@ -1,0 +1,74 @@
+"""Every SLURM preset renders into a batch script bash accepts, with the system's settings."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from xffl_cwl.slurm_templates import PRESETS, TemplateError, check_template, context, default_runtime, load_template, preset_text, render, sbatch_flags
+
+COMMAND = "cd /scratch/job && export HOME=\"/scratch/job\" && xffl-cwl train --model 'a b' --facility x 2>train.log"
+NVIDIA = {"leonardo", "marenostrum5", "meluxina", "karolina", "vega", "deucalion", "discoverer"}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("with_container", [True, False], ids=["container", "bare"])
+def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
+    text = load_template(preset, tmp_path)
+    container = {"image": "/work/images/client.sif", "bind": ["/scratch/work", "/data"]} if with_container else {"runtime": "none"}
+    script = render(text, COMMAND, context({"account": "proj_x", "time": "02:00:00"}, container, ["module load cuda"]))
+    assert script.startswith("#!/bin/bash\n")
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert any(line.startswith("#SBATCH --job-name=") for line in sbatch)
+    assert "#SBATCH --time=02:00:00" in sbatch and "#SBATCH --account=proj_x" in sbatch
+    assert "{{" not in script and "{%" not in script
+    assert COMMAND in script and "module load cuda" in script
+    heredoc = script.split("<<'XFFL_EOF'\n", 1)
+    assert len(heredoc) == 2 and heredoc[1].rstrip().endswith("XFFL_EOF")
+    path = tmp_path / f"{preset}.sh"
+    path.write_text(script)
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    runtime = default_runtime(text)
+    if with_container and runtime != "none":
+        exec_line = next(line for line in script.splitlines() if " exec " in line)
+        assert exec_line.split()[exec_line.split().index("exec") - 1] == runtime
+        assert "--bind /scratch/work --bind /data" in exec_line and '"/work/images/client.sif"' in exec_line
+        assert ("--rocm" if preset == "lumi" else "--nv") in exec_line
+    if not with_container:
+        assert " exec " not in script
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"generic"}))
+def test_system_presets_hold_their_defaults_but_no_account(preset):
+    text = preset_text(preset)
+    script = render(text, "true", context({}, {"image": "/i.sif"}, []))
+    assert "--account" not in script, "accounts are per user, never a default"
+    for option in ("--partition=", "--time=", "--gpus-per-node=", "--cpus-per-task="):
+        assert f"#SBATCH {option}" in script
+    if preset == "lumi":
+        assert "MIOPEN_USER_DB_PATH" in script and "NCCL_SOCKET_IFNAME=hsn" in script
+    else:
+        assert preset in NVIDIA and "NCCL_IB_DISABLE=0" in script
+    assert "srun" in script
+    # a facility's own options replace the defaults
+    custom = render(text, "true", context({"partition": "mypart", "qos": "myqos", "gpusPerNode": 2}, {"image": "/i.sif"}, []))
+    assert "#SBATCH --partition=mypart" in custom and "#SBATCH --gpus-per-node=2" in custom
+
+
+def test_template_errors_name_the_problem(tmp_path):
+    with pytest.raises(TemplateError, match="unknown SLURM template preset 'leonard'"):
+        load_template("leonard", tmp_path)
+    (tmp_path / "mine.sh").write_text("#!/bin/bash\n#SBATCH --time=1\nrun_it\n")
+    with pytest.raises(TemplateError, match=r"has no \{\{streamflow_command\}\} placeholder"):
+        load_template("mine.sh", tmp_path)
+    with pytest.raises(TemplateError, match="not valid Jinja2"):
+        check_template("{% if %}{{ streamflow_command }}", "broken")
+    with pytest.raises(TemplateError, match="cannot be read"):
+        load_template("missing/template.sh", tmp_path)
+
+
+def test_explicit_options_become_flags():
+    flags = sbatch_flags({"partition": "p", "gpusPerNode": 4, "extra": ["--exclusive"]})
+    assert flags == ["--partition=p", "--gpus-per-node=4", "--exclusive"]
