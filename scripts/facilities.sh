@@ -53,7 +53,8 @@ install_packages() {
 # (the stand-in for a facility's container image), with this checkout of xffl-cwl installed.
 python_env() {
   local env=$BASE/env stamp
-  stamp=$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+  # rebuilt only when the dependencies change; the package itself is reinstalled every time
+  stamp=$(sed -n '/^dependencies = \[/,/^\]/p' "$REPO/pyproject.toml" | sha256sum | cut -c1-16)
   if [ ! -x "$env/bin/python" ] || [ "$(cat "$env/.deps" 2>/dev/null)" != "$stamp" ]; then
     log "building the facilities' Python environment in $env (once; about a minute)"
     rm -rf "$env"
@@ -169,7 +170,7 @@ EOF
   log "$name: SLURM cluster $name (node $node, ctld :$ctld), sshd 127.0.0.1:$ssh_port, user $user"
 }
 
-install() {
+install_software() {
   [ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages and creates the login users)"
   install_packages
   mkdir -p "$BASE"
@@ -178,7 +179,7 @@ install() {
 }
 
 up() {
-  install
+  install_software
   mkdir -p "$BASE/keys" "$BASE/fac" /run/sshd
   chmod 755 "$BASE" "$BASE/fac" && chmod 755 /run/sshd
   [ -f "$BASE/keys/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C xffl-cwl-tests -f "$BASE/keys/id_ed25519"
@@ -249,7 +250,7 @@ status() {
 }
 
 case "${1:-}" in
-  install) install ;;
+  install) install_software ;;
   up) up ;;
   down) down ;;
   status) status ;;

@@ -81,14 +81,14 @@ def write_update(
     return directory
 
 
-def write_federation(path: Path, assets, facilities: list[str], rounds: int = 2, steps: int = 10, extra: str = "", facility_extra: dict[str, str] | None = None) -> Path:
+def write_federation(path: Path, assets, facilities: list[str], rounds: int = 2, steps: int = 10, extra: str = "", facility_extra: dict[str, str] | None = None, strategy: str = "fedavg") -> Path:
     """A federation.yml over demo assets with local facilities."""
     facility_extra = facility_extra or {}
     entries = "".join(f"  - name: {f}\n    dataset: {assets.datasets[f]}\n{facility_extra.get(f, '')}" for f in facilities)
     path.write_text(
         f"name: test\nrounds: {rounds}\nmodel: {assets.model}\ntest_set: {assets.test_set}\n"
         f"training:\n  local_steps: {steps}\n  seq_len: 64\n  lr: 0.003\n"
-        f"aggregation:\n  strategy: fedavg\n  min_updates: {len(facilities)}\n{extra}facilities:\n{entries}"
+        f"aggregation:\n  strategy: {strategy}\n  min_updates: {len(facilities)}\n{extra}facilities:\n{entries}"
     )
     return path
 

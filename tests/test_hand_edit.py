@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 from ruamel.yaml import YAML
 
 from conftest import run_cli, write_federation
@@ -22,8 +24,11 @@ def _edit(path, change) -> None:
         yaml.dump(document, fh)
 
 
-def test_add_a_third_facility_by_hand(tmp_path, demo_assets):
-    spec = load_federation(write_federation(tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=5))
+@pytest.fixture(scope="module")
+def edited_run(tmp_path_factory, demo_assets):
+    """A generated 2-facility run folder with a third facility added by hand, run for one round."""
+    tmp_path = tmp_path_factory.mktemp("hand-edit")
+    spec = load_federation(write_federation(tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=5, strategy="fedavgm"))
     run = tmp_path / "run"
     generate(spec, run)
     new = "meluxina"
@@ -59,11 +64,37 @@ def test_add_a_third_facility_by_hand(tmp_path, demo_assets):
     _edit(run / "inputs.yml", inputs_yml)
     _edit(run / "streamflow.yml", streamflow_yml)
 
-    proc = run_cli("validate", run)
-    assert proc.returncode == 0, proc.stderr
-    proc = run_cli("run", run, timeout=600)
+    validated = run_cli("validate", run)
+    ran = run_cli("run", run, timeout=600)
+    return run, new, validated, ran
+
+
+def test_add_a_third_facility_by_hand(edited_run):
+    run, new, validated, proc = edited_run
+    assert validated.returncode == 0, validated.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training started at meluxina" in proc.stderr
     history = [json.loads(line) for line in (run / "out" / "history.jsonl").read_text().splitlines()]
     assert set(history[-1]["facilities"]) == {"leonardo", "lumi", new}
     assert list((run / "work" / new).glob("*/update/update.json"))
+
+
+def test_resume_from_the_last_round_as_the_readme_says(edited_run):
+    run, new, _, first = edited_run
+    assert first.returncode == 0
+    out = run / "out"
+
+    def resume(doc):
+        doc["model"] = {"class": "Directory", "path": str(out / "model")}
+        doc["state"] = {"class": "Directory", "path": str(out / "state")}
+        doc["first_round"] = 2
+        doc["rounds"] = 2
+
+    _edit(run / "inputs.yml", resume)
+    proc = run_cli("run", run, "--outdir", run / "out2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = [json.loads(line) for line in (run / "out2" / "history.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2]
+    assert history[0]["eval_loss"] == pytest.approx(json.loads((out / "history.jsonl").read_text().splitlines()[-1])["eval_loss"])
+    summary = json.loads((run / "out2" / "model" / "aggregate.json").read_text())
+    assert summary["round"] == 2 and summary["state_step"] == 2  # the server momentum carried on
