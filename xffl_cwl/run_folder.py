@@ -27,10 +27,6 @@ class RunFolder:
     bindings: list[tuple[str, str]]  # (step path, deployment)
     port_bindings: list[dict[str, Any]]
 
-    @property
-    def streamflow_yml(self) -> Path:
-        return self.root / "streamflow.yml"
-
     def deployment_of(self, step: str) -> str | None:
         """The most specific binding covering `step` (StreamFlow's rule: prefixes are inherited)."""
         best: tuple[int, str] | None = None

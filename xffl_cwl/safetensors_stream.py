@@ -36,7 +36,6 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
@@ -73,9 +72,6 @@ class TensorEntry:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_CODES
-
-    def same_kind(self, other: TensorEntry) -> bool:
-        return self.dtype == other.dtype and self.shape == other.shape
 
 
 @dataclass
@@ -306,16 +302,6 @@ class ShardWriter:
         if self._pos != len(self._specs):
             raise RuntimeError(f"{self.path}: tensor {self._specs[self._pos].name!r} was not fully written")
         return self._hash.hexdigest()
-
-
-def write_state_dict(directory: Path, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write small in-memory tensors as one safetensors file; returns its sha256."""
-    specs = [TensorSpec(n, DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
-    writer = ShardWriter(Path(directory) / filename, specs, metadata)
-    for name, tensor in tensors.items():
-        if tensor.numel():
-            writer.write(name, tensor.cpu())
-    return writer.close()
 
 
 def file_sha256(path: Path) -> str:

@@ -32,7 +32,6 @@ SBATCH_OPTIONS: dict[str, tuple[str, str]] = {
     "reservation": ("reservation", "--reservation"),
     "jobName": ("job_name", "--job-name"),
 }
-TEMPLATE_VARIABLES = ("extra_sbatch", "setup", "container_runtime", "container_image", "container_options", "container_binds")
 
 
 class TemplateError(ValueError):

@@ -332,7 +332,7 @@ def aggregate(cfg: AggregateConfig) -> dict[str, Any]:
         if global_adapter is not None and not (kind == "lora" and cfg.lora_merge == "fedit"):
             raise InputError(f"--global {global_dir} carries a LoRA adapter (FedIT); aggregate its updates with --lora-merge fedit")
         weights = check_weighting(valid, cfg.weighting)
-        members = list(zip(weights, valid))
+        members = list(zip(weights, valid, strict=True))
         norms = Norms()
         shards = _plan(cfg, kind, global_ckpt, global_adapter, members, reader, norms)
         keeps_state = bool(strategy.slots)

@@ -16,7 +16,7 @@ import torch
 from xffl_cwl.aggregation.lora import LoraModule, UnsupportedAdapter, adapter_modules
 from xffl_cwl.errors import InputError
 from xffl_cwl.model_dir import ADAPTER_CONFIG, ADAPTER_STEM, MODEL_STEM, UPDATE_JSON, read_json
-from xffl_cwl.safetensors_stream import Checkpoint, TensorEntry, TensorReader, read_checkpoint, row_chunks
+from xffl_cwl.safetensors_stream import Checkpoint, TensorReader, read_checkpoint, row_chunks
 
 
 class Rejected(Exception):
@@ -135,7 +135,3 @@ def check_weighting(updates: list[Update], weighting: str) -> list[float]:
     if not total > 0 or not math.isfinite(total):
         raise InputError(f"updates carry no {weighting} to weight them by; use --weighting uniform")
     return [r / total for r in raw]
-
-
-def entry_or_none(ckpt: Checkpoint | None, name: str) -> TensorEntry | None:
-    return None if ckpt is None else ckpt.by_name.get(name)

@@ -12,8 +12,6 @@ from xffl_cwl.generator.workflows import dataset_input_id, train_step_id
 
 AGGREGATOR = "aggregator"
 DATABASE = ".streamflow/sqlite.db"
-# Steps that run next to the aggregator: the baseline evaluation and, each round, aggregate and evaluate.
-AGGREGATOR_STEPS = ("/baseline", "/federation/aggregate", "/federation/evaluate")
 
 
 def workdir_of(name: str, deployment: Deployment) -> str:
