@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from xffl_cwl.demo_assets import save_model
-from xffl_cwl.model_dir import copy_side_files, fingerprint
-from xffl_cwl.safetensors_stream import ShardWriter, TensorReader, read_checkpoint, row_chunks, specs_of
-
+from xffl_cwl.learning.demo_assets import save_model
+from xffl_cwl.learning.model_dir import copy_side_files, fingerprint
+from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, read_checkpoint, row_chunks, specs_of
 
 # A fresh, small interpreter starts the measured command: Linux carries the peak RSS of the
 # address space a child was forked from into the child's own figure, so forking it from this
@@ -61,7 +60,19 @@ def make_update(global_dir: Path, out: Path, facility: str, seed: int, base_fp: 
                     writer.write(entry.name, chunk + 1e-3 * torch.randn(count, generator=gen, dtype=chunk.dtype))
             writer.close()
     copy_side_files(global_dir, out)
-    record = {"format": "xffl-update", "version": 1, "facility": facility, "round": 1, "mode": "full", "samples": 100 + seed, "tokens": 1000, "steps": 1, "base_fingerprint": base_fp}
+    record = {
+        "format": "xffl-update",
+        "version": 1,
+        "facility": facility,
+        "round": 1,
+        "mode": "full",
+        "samples": 100 + seed,
+        "tokens": 1000,
+        "steps": 1,
+        "base_fingerprint": base_fp,
+        "train_loss": {"first": 2.0, "last": 1.0, "mean": 1.5},
+        "eval_loss": {"before": 2.0, "after": 1.0},
+    }
     (out / "update.json").write_text(json.dumps(record))
 
 
@@ -79,12 +90,28 @@ def run(workdir: Path, counts: list[int], preset: str) -> dict:
     print(f"model {model_bytes / 1e6:.0f} MB; bare 'import torch, transformers' peak RSS {baseline / 1e6:.0f} MB")
     for n in counts:
         out = workdir / f"out{n}"
-        cmd = [sys.executable, "-m", "xffl_cwl.cli", "aggregate", "--global", str(global_dir), "--out", str(out), "--strategy", "fedadam"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "xffl_cwl.cli",
+            "aggregate",
+            "--global",
+            str(global_dir),
+            "--out",
+            str(out),
+            "--strategy",
+            "fedadam",
+        ]
         cmd += [a for i in range(n) for a in ("--update", str(workdir / f"u{i}"))]
         rss, seconds = peak_rss(cmd)
         record = json.loads((out / "aggregate.json").read_text())
         moved = record["bytes_read"] + record["bytes_written"]
-        results["runs"][n] = {"peak_rss": rss, "seconds": seconds, "bytes_read": record["bytes_read"], "bytes_written": record["bytes_written"]}
+        results["runs"][n] = {
+            "peak_rss": rss,
+            "seconds": seconds,
+            "bytes_read": record["bytes_read"],
+            "bytes_written": record["bytes_written"],
+        }
         print(
             f"{n} updates: peak RSS {rss / 1e6:.0f} MB ({(rss - baseline) / 1e6:+.0f} MB over baseline, "
             f"{(rss - baseline) / model_bytes:.2f} of the model), {seconds:.1f} s, {moved / seconds / 1e6:.0f} MB/s read+written"

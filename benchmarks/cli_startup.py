@@ -14,7 +14,9 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "xffl_cwl.cli", "--help"], check=True, capture_output=True)
         times.append(time.perf_counter() - started)
-    print(f"xffl-cwl --help: median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)} runs")
+    print(
+        f"xffl-cwl --help: median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)} runs"
+    )
 
 
 if __name__ == "__main__":

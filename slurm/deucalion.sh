@@ -1,22 +1,33 @@
 #!/bin/bash
 # xffl-cwl SLURM template for Deucalion (MACC, Portugal), A100 partition: 4x NVIDIA A100 80 GB per node.
-# Set the facility's `sbatch:` options in federation.yml or streamflow.yml; defaults in brackets:
-#   account [none: your default]  partition [dev-a100-80]  qos [none]  time [00:30:00]
-#   nodes [1]  gpusPerNode [4]  cpusPerTask [32]  mem [site default]
-# container: binds [the deployment's workdir, from `container.bind`], runtime [singularity], options [--nv], image: a .sif on this system (required unless runtime none).
-#SBATCH --job-name={{ job_name | default('xffl', true) }}
-#SBATCH --partition={{ partition | default('dev-a100-80', true) }}
+# Set the facility's `sbatch:` and `container:` options in federation.yml or streamflow.yml; what it
+# leaves unset takes the value in `defaults` below (no account: it is always yours to give). The
+# container needs `image:`, a .sif on this system, unless `runtime: none`; the deployment's workdir
+# and the dataset's folder are bound into it.
+{% set defaults = {
+  "job_name": "xffl",
+  "partition": "dev-a100-80",
+  "time": "00:30:00",
+  "nodes": 1,
+  "gpus_per_node": 4,
+  "cpus_per_task": 32,
+  "container_runtime": "singularity",
+  "container_options": "--nv",
+  "gpu_vendor": "nvidia",
+} %}
+#SBATCH --job-name={{ job_name }}
+#SBATCH --partition={{ partition }}
 {% if qos %}
 #SBATCH --qos={{ qos }}
 {% endif %}
 {% if account %}
 #SBATCH --account={{ account }}
 {% endif %}
-#SBATCH --time={{ time | default('00:30:00', true) }}
-#SBATCH --nodes={{ nodes | default(1, true) }}
+#SBATCH --time={{ time }}
+#SBATCH --nodes={{ nodes }}
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node={{ gpus_per_node | default(4, true) }}
-#SBATCH --cpus-per-task={{ cpus_per_task | default(32, true) }}
+#SBATCH --gpus-per-node={{ gpus_per_node }}
+#SBATCH --cpus-per-task={{ cpus_per_task }}
 {% if mem %}
 #SBATCH --mem={{ mem }}
 {% endif %}
@@ -29,11 +40,11 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {{ line }}
 {% endfor %}
 
-{% set runtime = container_runtime | default('singularity', true) %}
+{% set runtime = container_runtime %}
 {% if runtime == 'none' %}
 srun --ntasks=1 bash <<'XFFL_EOF'
 {% else %}
-srun --ntasks=1 {{ runtime }} exec {{ container_options | default('--nv', true) }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
+srun --ntasks=1 {{ runtime }} exec {{ container_options }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
 {% endif %}
 {{ streamflow_command }}
 XFFL_EOF

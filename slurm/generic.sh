@@ -1,9 +1,16 @@
 #!/bin/bash
 # xffl-cwl generic SLURM template: any cluster, no modules, no site network settings.
-# Set the facility's `sbatch:` options in federation.yml or streamflow.yml (none has a default here),
-# `setup:` lines (e.g. `module load apptainer`, or `. /path/to/venv/bin/activate`) and `container:`
-# (runtime apptainer|singularity|none [none], options [none], image).
-#SBATCH --job-name={{ job_name | default('xffl', true) }}
+# Set the facility's `sbatch:` options in federation.yml or streamflow.yml (only those in `defaults`
+# below have a default here), `setup:` lines (e.g. `module load apptainer`, or
+# `. /path/to/venv/bin/activate`) and `container:` (runtime apptainer|singularity|none, options, image).
+{% set defaults = {
+  "job_name": "xffl",
+  "nodes": 1,
+  "container_runtime": "none",
+  "container_options": "",
+  "gpu_vendor": "nvidia",
+} %}
+#SBATCH --job-name={{ job_name }}
 {% if partition %}
 #SBATCH --partition={{ partition }}
 {% endif %}
@@ -16,7 +23,7 @@
 {% if time %}
 #SBATCH --time={{ time }}
 {% endif %}
-#SBATCH --nodes={{ nodes | default(1, true) }}
+#SBATCH --nodes={{ nodes }}
 #SBATCH --ntasks-per-node=1
 {% if gpus_per_node %}
 #SBATCH --gpus-per-node={{ gpus_per_node }}
@@ -33,11 +40,11 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {{ line }}
 {% endfor %}
 
-{% set runtime = container_runtime | default('none', true) %}
+{% set runtime = container_runtime %}
 {% if runtime == 'none' %}
 bash <<'XFFL_EOF'
 {% else %}
-{{ runtime }} exec {{ container_options | default('', true) }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
+{{ runtime }} exec {{ container_options }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
 {% endif %}
 {{ streamflow_command }}
 XFFL_EOF

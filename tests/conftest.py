@@ -19,7 +19,9 @@ offline.configure()
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str | os.PathLike, check: bool = False, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str | os.PathLike, check: bool = False, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `xffl-cwl ARGS` in a subprocess, as users and CWL tools do."""
     proc = subprocess.run(
         [sys.executable, "-m", "xffl_cwl.cli", *map(str, args)],
@@ -35,9 +37,14 @@ def run_cli(*args: str | os.PathLike, check: bool = False, timeout: float = 600,
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    from xffl_cwl.demo_assets import facility_names, make_demo_assets
+    from xffl_cwl.learning.demo_assets import facility_names, make_demo_assets
 
-    return make_demo_assets(tmp_path_factory.mktemp("assets") / "demo", facility_names(3), samples_per_facility=1500, test_samples_per_task=60)
+    return make_demo_assets(
+        tmp_path_factory.mktemp("assets") / "demo",
+        facility_names(3),
+        samples_per_facility=1500,
+        test_samples_per_task=60,
+    )
 
 
 def write_global(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -81,10 +88,21 @@ def write_update(
     return directory
 
 
-def write_federation(path: Path, assets, facilities: list[str], rounds: int = 2, steps: int = 10, extra: str = "", facility_extra: dict[str, str] | None = None, strategy: str = "fedavg") -> Path:
+def write_federation(
+    path: Path,
+    assets,
+    facilities: list[str],
+    rounds: int = 2,
+    steps: int = 10,
+    extra: str = "",
+    facility_extra: dict[str, str] | None = None,
+    strategy: str = "fedavg",
+) -> Path:
     """A federation.yml over demo assets with local facilities."""
     facility_extra = facility_extra or {}
-    entries = "".join(f"  - name: {f}\n    dataset: {assets.datasets[f]}\n{facility_extra.get(f, '')}" for f in facilities)
+    entries = "".join(
+        f"  - name: {f}\n    dataset: {assets.datasets[f]}\n{facility_extra.get(f, '')}" for f in facilities
+    )
     path.write_text(
         f"name: test\nrounds: {rounds}\nmodel: {assets.model}\ntest_set: {assets.test_set}\n"
         f"training:\n  local_steps: {steps}\n  seq_len: 64\n  lr: 0.003\n"
@@ -100,8 +118,12 @@ FACILITIES_DIR = Path(os.environ.get("XFFL_FACILITIES_DIR", "/var/tmp/xffl-facil
 def facilities() -> dict:
     """The real SLURM + sshd facilities of scripts/facilities.sh, brought up if they are not (needs root)."""
     if os.geteuid() != 0:
-        pytest.fail("the SLURM facility tests start daemons and users: run them as root (CI does), after `bash scripts/facilities.sh up`")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "facilities.sh"), "up"], capture_output=True, text=True, timeout=1200)
+        pytest.fail(
+            "the SLURM facility tests start daemons and users: run them as root (CI does), after `bash scripts/facilities.sh up`"
+        )
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "facilities.sh"), "up"], capture_output=True, text=True, timeout=1200
+    )
     if proc.returncode != 0:
         pytest.fail(f"scripts/facilities.sh up failed:\n{proc.stderr[-3000:]}")
     info = json.loads((FACILITIES_DIR / "facilities.json").read_text())
@@ -114,7 +136,11 @@ def jobcomp(facility: dict) -> list[dict[str, str]]:
     path = Path(facility["jobcomp"])
     if not path.exists():
         return []
-    return [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        dict(field.split("=", 1) for field in line.split() if "=" in field)
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def slurm_facility_yaml(facilities: dict, name: str, dataset: str, extra: str = "", **overrides: str) -> str:
@@ -133,8 +159,8 @@ def slurm_facility_yaml(facilities: dict, name: str, dataset: str, extra: str = 
     body = "".join(f"      {k}: {v}\n" for k, v in fields.items())
     return (
         f"  - name: {name}\n    dataset: {dataset}\n    deployment:\n      kind: slurm\n{body}"
-        f"      sbatch: {{partition: {f['partition']}, time: \"00:10:00\"}}\n"
-        f"      setup: [\". {facilities['python_env']}/bin/activate\"]\n{extra}"
+        f'      sbatch: {{partition: {f["partition"]}, time: "00:10:00"}}\n'
+        f'      setup: [". {facilities["python_env"]}/bin/activate"]\n{extra}'
     )
 
 
@@ -149,3 +175,23 @@ def place_dataset(facility: dict, source: Path) -> str:
     (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
     subprocess.run(["chown", "-R", f"{facility['username']}:", str(target.parent)], check=True)
     return str(target)
+
+
+def run_train(model, dataset, out, facility, round=1, device="auto", progress=True, **settings) -> dict:
+    """`xffl-cwl train` as a function, its settings given flat as the CLI spells them; the update.json record."""
+    from xffl_cwl.contract.options import TrainOptions, from_tool_values
+    from xffl_cwl.learning.train import TrainConfig, train
+
+    options = from_tool_values(TrainOptions, settings)
+    return train(TrainConfig(model, dataset, out, facility, round, options, device, progress)).to_json()
+
+
+def run_aggregate(
+    global_dir, updates, out, state=None, state_out=None, round=None, chunk_elems=1024 * 1024, **settings
+) -> dict:
+    """`xffl-cwl aggregate` as a function, settings given flat; the aggregate.json record."""
+    from xffl_cwl.contract.options import AggregateOptions, from_tool_values
+    from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
+
+    options = from_tool_values(AggregateOptions, settings)
+    return aggregate(AggregateConfig(global_dir, updates, out, options, state, state_out, round, chunk_elems)).to_json()

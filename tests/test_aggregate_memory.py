@@ -12,7 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from aggregate_memory import run  # noqa: E402
+from aggregate_memory import run
 
 
 def test_peak_rss_is_bounded_and_flat_in_updates(tmp_path):

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from conftest import run_cli
-from xffl_cwl.data import load_texts
-from xffl_cwl.model_dir import fingerprint
+from xffl_cwl.learning.data import load_texts
+from xffl_cwl.learning.model_dir import fingerprint
 
 
 def test_help_imports_no_heavy_library():
@@ -22,10 +22,14 @@ def test_help_imports_no_heavy_library():
 
 
 def test_demo_assets_are_deterministic_and_non_iid(tmp_path):
-    from xffl_cwl.demo_assets import make_demo_assets
+    from xffl_cwl.learning.demo_assets import make_demo_assets
 
-    a = make_demo_assets(tmp_path / "a", ["leonardo", "lumi", "vega"], samples_per_facility=50, test_samples_per_task=5, seed=3)
-    b = make_demo_assets(tmp_path / "b", ["leonardo", "lumi", "vega"], samples_per_facility=50, test_samples_per_task=5, seed=3)
+    a = make_demo_assets(
+        tmp_path / "a", ["leonardo", "lumi", "vega"], samples_per_facility=50, test_samples_per_task=5, seed=3
+    )
+    b = make_demo_assets(
+        tmp_path / "b", ["leonardo", "lumi", "vega"], samples_per_facility=50, test_samples_per_task=5, seed=3
+    )
     assert fingerprint(a.model) == fingerprint(b.model)
     assert len(set(a.tasks.values())) == 3
     for name in a.datasets:
@@ -51,9 +55,31 @@ def test_demo_assets_cli_refuses_existing_output(tmp_path):
 
 
 def test_evaluate_appends_one_line_per_round(demo_assets, tmp_path):
-    first = run_cli("evaluate", "--model", demo_assets.model, "--dataset", demo_assets.test_set, "--seq-len", "64", "--out", tmp_path / "h0.jsonl", check=True)
+    first = run_cli(
+        "evaluate",
+        "--model",
+        demo_assets.model,
+        "--dataset",
+        demo_assets.test_set,
+        "--seq-len",
+        "64",
+        "--out",
+        tmp_path / "h0.jsonl",
+        check=True,
+    )
     assert json.loads(first.stdout)["round"] == 0
-    run_cli("evaluate", "--model", demo_assets.model, "--history", tmp_path / "h0.jsonl", "--round", "1", "--out", tmp_path / "h1.jsonl", check=True)
+    run_cli(
+        "evaluate",
+        "--model",
+        demo_assets.model,
+        "--history",
+        tmp_path / "h0.jsonl",
+        "--round",
+        "1",
+        "--out",
+        tmp_path / "h1.jsonl",
+        check=True,
+    )
     lines = [json.loads(line) for line in (tmp_path / "h1.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1]
     assert lines[0]["eval_loss"] > 4 and lines[1]["eval_loss"] is None

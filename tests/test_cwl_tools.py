@@ -35,7 +35,19 @@ def test_cwltest_suite_runs_every_tool_and_the_example(tmp_path):
     shutil.copytree(REPO / "cwl", suite, ignore=shutil.ignore_patterns("data"))
     subprocess.run(["bash", str(suite / "tests" / "prepare.sh")], check=True, capture_output=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "cwltest", "--test", "tests.yml", "--tool", "cwltool", "-j", "2", "--", "--no-container"],
+        [
+            sys.executable,
+            "-m",
+            "cwltest",
+            "--test",
+            "tests.yml",
+            "--tool",
+            "cwltool",
+            "-j",
+            "2",
+            "--",
+            "--no-container",
+        ],
         cwd=suite,
         capture_output=True,
         text=True,

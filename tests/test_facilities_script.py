@@ -13,7 +13,11 @@ DAEMONS = ("munge/munged.pid", "run/slurmctld.pid", "run/slurmd.pid", "run/sshd.
 
 
 def _pids() -> dict[str, str]:
-    return {f"{name}/{d}": (FACILITIES_DIR / "fac" / name / d).read_text().strip() for name in ("leonardo", "lumi") for d in DAEMONS}
+    return {
+        f"{name}/{d}": (FACILITIES_DIR / "fac" / name / d).read_text().strip()
+        for name in ("leonardo", "lumi")
+        for d in DAEMONS
+    }
 
 
 def _script(action: str) -> subprocess.CompletedProcess:
@@ -25,17 +29,28 @@ def test_up_is_idempotent_and_clusters_are_isolated(facilities):
     assert _script("up").returncode == 0
     assert _pids() == before, "a second `up` must not restart running daemons"
     leonardo, lumi = facilities["by_name"]["leonardo"], facilities["by_name"]["lumi"]
-    assert (FACILITIES_DIR / "fac/leonardo/munge/munge.key").read_bytes() != (FACILITIES_DIR / "fac/lumi/munge/munge.key").read_bytes()
+    assert (FACILITIES_DIR / "fac/leonardo/munge/munge.key").read_bytes() != (
+        FACILITIES_DIR / "fac/lumi/munge/munge.key"
+    ).read_bytes()
     # lumi's controller refuses a client that authenticates with leonardo's munge
-    conf = Path(lumi["slurm_conf"]).read_text().replace("fac/lumi/munge/munge.socket", "fac/leonardo/munge/munge.socket")
+    conf = (
+        Path(lumi["slurm_conf"]).read_text().replace("fac/lumi/munge/munge.socket", "fac/leonardo/munge/munge.socket")
+    )
     foreign = FACILITIES_DIR / "foreign-slurm.conf"
     foreign.write_text(conf)
     try:
-        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": str(foreign)}, timeout=60)
+        proc = subprocess.run(
+            ["sinfo", "-h"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": str(foreign)}, timeout=60
+        )
         assert proc.returncode != 0
     finally:
         foreign.unlink()
-    ok = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": leonardo["slurm_conf"]})
+    ok = subprocess.run(
+        ["sinfo", "-h", "-o", "%N"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": leonardo["slurm_conf"]},
+    )
     assert ok.stdout.strip() == leonardo["node"]
     known = Path(facilities["known_hosts"]).read_text()
     assert "[127.0.0.1]:2222 ssh-ed25519 " in known and "[127.0.0.1]:2223 ssh-ed25519 " in known

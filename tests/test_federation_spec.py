@@ -37,7 +37,11 @@ facilities:
 def write(tmp_path, demo_assets):
     def _write(text: str, **extra) -> object:
         path = tmp_path / "federation.yml"
-        path.write_text(text.format(model=demo_assets.model, test=demo_assets.test_set, data=demo_assets.model.parent / "data", **extra))
+        path.write_text(
+            text.format(
+                model=demo_assets.model, test=demo_assets.test_set, data=demo_assets.model.parent / "data", **extra
+            )
+        )
         return path
 
     return _write
@@ -55,20 +59,44 @@ def test_good_federation_parses_into_typed_objects(write, tmp_path):
 
 
 MISTAKES = {
-    "unknown key": ("  strategy: fedadam\n", "  strategy: fedadam\n  stratgy: x\n", "aggregation.stratgy: unknown key; expected one of strategy"),
+    "unknown key": (
+        "  strategy: fedadam\n",
+        "  strategy: fedadam\n  stratgy: x\n",
+        "aggregation.stratgy: unknown key; expected one of strategy",
+    ),
     "missing field": ("rounds: 2\n", "", "rounds: is required"),
     "rounds below 1": ("rounds: 2\n", "rounds: 0\n", "rounds: must be at least 1, got 0"),
-    "unsafe name": ("  - name: lumi\n", "  - name: Lumi-2\n", "facilities[1].name: 'Lumi-2' is not a safe facility name"),
-    "js-unsafe name": ("  - name: lumi\n", "  - name: lumi.x\n", "facilities[1].name: 'lumi.x' is not a safe facility name"),
+    "unsafe name": (
+        "  - name: lumi\n",
+        "  - name: Lumi-2\n",
+        "facilities[1].name: 'Lumi-2' is not a safe facility name",
+    ),
+    "js-unsafe name": (
+        "  - name: lumi\n",
+        "  - name: lumi.x\n",
+        "facilities[1].name: 'lumi.x' is not a safe facility name",
+    ),
     "reserved name": ("  - name: lumi\n", "  - name: aggregator\n", "facilities[1].name: 'aggregator' is reserved"),
     "duplicate": ("  - name: lumi\n", "  - name: leonardo\n", "facilities[1].name: duplicate facility 'leonardo'"),
     "bad type": ("  local_steps: 5\n", "  local_steps: five\n", "training.local_steps: must be an integer, got 'five'"),
-    "both steps and epochs": ("  local_steps: 5\n", "  local_steps: 5\n  epochs: 2\n", "training: give local_steps or epochs, not both"),
+    "both steps and epochs": (
+        "  local_steps: 5\n",
+        "  local_steps: 5\n  epochs: 2\n",
+        "training: give local_steps or epochs, not both",
+    ),
     "bad strategy": ("  strategy: fedadam\n", "  strategy: fedprox\n", "aggregation.strategy: must be one of fedavg"),
     "missing dataset": ("    dataset: {data}/leonardo\n", "    dataset: nowhere\n", "facilities[0].dataset:"),
-    "min_updates too high": ("  min_updates: 2\n", "  min_updates: 3\n", "aggregation.min_updates: is 3 but there are only 2 facilities"),
+    "min_updates too high": (
+        "  min_updates: 2\n",
+        "  min_updates: 3\n",
+        "aggregation.min_updates: is 3 but there are only 2 facilities",
+    ),
     "bad federation name": ("name: demo\n", "name: My Demo\n", "name: 'My Demo' is not a safe name"),
-    "unknown deployment kind": ("kind: local, workdir", "kind: kubernetes, workdir", "facilities[1].deployment.kind: must be one of"),
+    "unknown deployment kind": (
+        "kind: local, workdir",
+        "kind: kubernetes, workdir",
+        "facilities[1].deployment.kind: must be one of",
+    ),
     "bad lora key": ("  lora: {{r: 4}}\n", "  lora: {{rank: 4}}\n", "training.lora.rank: unknown key"),
 }
 

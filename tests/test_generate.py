@@ -15,23 +15,33 @@ yaml = YAML()
 
 
 def _generate(tmp_path, demo_assets, name="run", **kwargs):
-    spec = load_federation(write_federation(tmp_path / f"{name}.yml", demo_assets, ["leonardo", "lumi", "meluxina"], **kwargs))
+    spec = load_federation(
+        write_federation(tmp_path / f"{name}.yml", demo_assets, ["leonardo", "lumi", "meluxina"], **kwargs)
+    )
     generate(spec, tmp_path / name)
     return tmp_path / name
 
 
 def test_generated_workflow_passes_cwltool_validation(tmp_path, demo_assets):
     run = _generate(tmp_path, demo_assets)
-    proc = subprocess.run([sys.executable, "-m", "cwltool", "--validate", "--enable-ext", str(run / "main.cwl")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwltool", "--validate", "--enable-ext", str(run / "main.cwl")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "is valid CWL" in proc.stdout + proc.stderr
     round_cwl = yaml.load((run / "round.cwl").read_text())
     assert list(round_cwl["steps"]) == ["train_leonardo", "train_lumi", "train_meluxina", "aggregate", "evaluate"]
-    assert list(round_cwl["steps"]["aggregate"]["in"]["updates"]["source"]) == [f"train_{f}/update" for f in ("leonardo", "lumi", "meluxina")]
+    assert list(round_cwl["steps"]["aggregate"]["in"]["updates"]["source"]) == [
+        f"train_{f}/update" for f in ("leonardo", "lumi", "meluxina")
+    ]
     assert round_cwl["steps"]["aggregate"]["in"]["updates"]["linkMerge"] == "merge_flattened"
     main = yaml.load((run / "main.cwl").read_text())
     loop = main["steps"]["federation"]["requirements"]["cwltool:Loop"]
-    assert loop["outputMethod"] == "last" and loop["loop"]["model"] == "new_model" and loop["loop"]["state"] == "new_state"
+    assert (
+        loop["outputMethod"] == "last" and loop["loop"]["model"] == "new_model" and loop["loop"]["state"] == "new_state"
+    )
 
 
 def test_generation_is_deterministic(tmp_path, demo_assets):
@@ -56,7 +66,9 @@ def test_facility_settings_and_gpu_hint_reach_their_step(tmp_path, demo_assets):
         facility_extra={"lumi": "    deployment: {kind: local, gpus: 2}\n    training: {batch_size: 2, lr: 0.01}\n"},
     )
     steps = yaml.load((run / "round.cwl").read_text())["steps"]
-    assert steps["train_lumi"]["in"]["batch_size"]["default"] == 2 and steps["train_lumi"]["in"]["lr"]["default"] == 0.01
+    assert (
+        steps["train_lumi"]["in"]["batch_size"]["default"] == 2 and steps["train_lumi"]["in"]["lr"]["default"] == 0.01
+    )
     assert steps["train_leonardo"]["in"]["batch_size"]["default"] == 8
     assert steps["train_lumi"]["hints"]["cwltool:CUDARequirement"]["cudaDeviceCountMin"] == 2
     assert "hints" not in steps["train_leonardo"]
@@ -76,7 +88,9 @@ def test_streamflow_config_binds_every_step_inside_the_run_folder(tmp_path, demo
         "/federation/evaluate": "aggregator",
     }
     assert workflow["config"]["docker"][0]["deployment"]["type"] == "none"
-    assert {d: c["workdir"] for d, c in config["deployments"].items()} == {n: f"work/{n}" for n in ("aggregator", "leonardo", "lumi", "meluxina")}
+    assert {d: c["workdir"] for d, c in config["deployments"].items()} == {
+        n: f"work/{n}" for n in ("aggregator", "leonardo", "lumi", "meluxina")
+    }
     assert not config["database"]["config"]["connection"].startswith("/")
 
 
@@ -92,7 +106,9 @@ def test_validate_fails_on_a_binding_that_names_no_step(tmp_path, demo_assets):
     assert "step /federation/train_lumi has no binding" in proc.stderr
     (run / "streamflow.yml").write_text(config.replace("deployment: meluxina\n", "deployment: meluxinaa\n", 1))
     proc = run_cli("validate", run, "--no-runners")
-    assert proc.returncode == 2 and "targets deployment 'meluxinaa', which streamflow.yml does not define" in proc.stderr
+    assert (
+        proc.returncode == 2 and "targets deployment 'meluxinaa', which streamflow.yml does not define" in proc.stderr
+    )
 
 
 def test_validate_reports_what_cwltool_rejects(tmp_path, demo_assets):

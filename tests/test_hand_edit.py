@@ -6,7 +6,6 @@ import copy
 import json
 
 import pytest
-
 from ruamel.yaml import YAML
 
 from conftest import run_cli, write_federation
@@ -28,7 +27,11 @@ def _edit(path, change) -> None:
 def edited_run(tmp_path_factory, demo_assets):
     """A generated 2-facility run folder with a third facility added by hand, run for one round."""
     tmp_path = tmp_path_factory.mktemp("hand-edit")
-    spec = load_federation(write_federation(tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=5, strategy="fedavgm"))
+    spec = load_federation(
+        write_federation(
+            tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=5, strategy="fedavgm"
+        )
+    )
     run = tmp_path / "run"
     generate(spec, run)
     new = "meluxina"
@@ -80,7 +83,7 @@ def test_add_a_third_facility_by_hand(edited_run):
 
 
 def test_resume_from_the_last_round_as_the_readme_says(edited_run):
-    run, new, _, first = edited_run
+    run, _new, _, first = edited_run
     assert first.returncode == 0
     out = run / "out"
 
@@ -95,6 +98,8 @@ def test_resume_from_the_last_round_as_the_readme_says(edited_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = [json.loads(line) for line in (run / "out2" / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
-    assert history[0]["eval_loss"] == pytest.approx(json.loads((out / "history.jsonl").read_text().splitlines()[-1])["eval_loss"])
+    assert history[0]["eval_loss"] == pytest.approx(
+        json.loads((out / "history.jsonl").read_text().splitlines()[-1])["eval_loss"]
+    )
     summary = json.loads((run / "out2" / "model" / "aggregate.json").read_text())
     assert summary["round"] == 2 and summary["state_step"] == 2  # the server momentum carried on

@@ -8,16 +8,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_global, write_update
-from xffl_cwl.aggregation import AggregateConfig, aggregate
-from xffl_cwl.model_dir import fingerprint
+from conftest import run_aggregate, write_global, write_update
+from xffl_cwl.learning.model_dir import fingerprint
 
 OUT_F, IN_F = 24, 16
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
 
 
 def _config(r: int, alpha: float) -> dict:
-    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"], "use_dora": False, "fan_in_fan_out": False}
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "v_proj"],
+        "use_dora": False,
+        "fan_in_fan_out": False,
+    }
 
 
 def _adapter(seed: int, r: int) -> dict[str, torch.Tensor]:
@@ -39,11 +45,24 @@ def setup(tmp_path):
     samples = [5, 15, 30]
     alpha, r = 16.0, 4
     adapters = [_adapter(10 + i, r) for i in range(3)]
-    paths = [write_update(tmp_path / f"u{i}", f"fac{i}", a, fp, samples=samples[i], mode="lora", adapter_config=_config(r, alpha)) for i, a in enumerate(adapters)]
+    paths = [
+        write_update(
+            tmp_path / f"u{i}", f"fac{i}", a, fp, samples=samples[i], mode="lora", adapter_config=_config(r, alpha)
+        )
+        for i, a in enumerate(adapters)
+    ]
     weights = torch.tensor(samples, dtype=torch.float64) / sum(samples)
     scale = alpha / r
     true_delta = {
-        m: sum(weights[i] * scale * (adapters[i][f"base_model.model.{m}.lora_B.weight"].double() @ adapters[i][f"base_model.model.{m}.lora_A.weight"].double()) for i in range(3))
+        m: sum(
+            weights[i]
+            * scale
+            * (
+                adapters[i][f"base_model.model.{m}.lora_B.weight"].double()
+                @ adapters[i][f"base_model.model.{m}.lora_A.weight"].double()
+            )
+            for i in range(3)
+        )
         for m in MODULES
     }
     return tmp_path, base, paths, adapters, weights, scale, true_delta
@@ -55,7 +74,9 @@ def _relative_error(delta: torch.Tensor, true: torch.Tensor) -> float:
 
 def test_exact_merge_reproduces_mean_of_products(setup):
     tmp_path, base, paths, _, _, _, true_delta = setup
-    result = aggregate(AggregateConfig(global_dir=tmp_path / "global", updates=paths, out=tmp_path / "exact", lora_merge="exact", chunk_elems=50))
+    result = run_aggregate(
+        global_dir=tmp_path / "global", updates=paths, out=tmp_path / "exact", lora_merge="exact", chunk_elems=50
+    )
     merged = load_file(str(tmp_path / "exact" / "model.safetensors"))
     for m in MODULES:
         err = _relative_error(merged[f"{m}.weight"].double() - base[f"{m}.weight"].double(), true_delta[m])
@@ -67,7 +88,7 @@ def test_exact_merge_reproduces_mean_of_products(setup):
 
 def test_fedit_averages_a_and_b_separately_and_is_inexact(setup):
     tmp_path, base, paths, adapters, weights, scale, true_delta = setup
-    aggregate(AggregateConfig(global_dir=tmp_path / "global", updates=paths, out=tmp_path / "fedit", lora_merge="fedit"))
+    run_aggregate(global_dir=tmp_path / "global", updates=paths, out=tmp_path / "fedit", lora_merge="fedit")
     out = tmp_path / "fedit"
     assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"], base["model.norm.weight"])
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -83,30 +104,56 @@ def test_fedit_averages_a_and_b_separately_and_is_inexact(setup):
 
 
 def test_exact_merge_accepts_different_ranks(setup):
-    tmp_path, base, paths, _, _, _, _ = setup
+    tmp_path, _base, paths, _, _, _, _ = setup
     fp = fingerprint(tmp_path / "global")
     low = _adapter(99, 2)
-    extra = write_update(tmp_path / "u-rank2", "rank2", low, fp, samples=10, mode="lora", adapter_config=_config(2, 16.0))
-    result = aggregate(AggregateConfig(global_dir=tmp_path / "global", updates=[*paths, extra], out=tmp_path / "mixed", lora_merge="exact"))
+    extra = write_update(
+        tmp_path / "u-rank2", "rank2", low, fp, samples=10, mode="lora", adapter_config=_config(2, 16.0)
+    )
+    result = run_aggregate(
+        global_dir=tmp_path / "global", updates=[*paths, extra], out=tmp_path / "mixed", lora_merge="exact"
+    )
     assert set(result["facilities"]) == {"fac0", "fac1", "fac2", "rank2"}
     # FedIT cannot average different shapes and rejects the odd one out
-    result = aggregate(AggregateConfig(global_dir=tmp_path / "global", updates=[*paths, extra], out=tmp_path / "mixed-fedit", lora_merge="fedit"))
+    result = run_aggregate(
+        global_dir=tmp_path / "global", updates=[*paths, extra], out=tmp_path / "mixed-fedit", lora_merge="fedit"
+    )
     assert [r["facility"] for r in result["rejected"]] == ["rank2"]
     assert "shape" in result["rejected"][0]["reason"]
 
 
 def test_fedit_second_round_steps_from_the_global_adapter(setup):
     tmp_path, _, paths, _, _, _, _ = setup
-    aggregate(AggregateConfig(global_dir=tmp_path / "global", updates=paths, out=tmp_path / "round1", lora_merge="fedit"))
+    run_aggregate(global_dir=tmp_path / "global", updates=paths, out=tmp_path / "round1", lora_merge="fedit")
     g1 = tmp_path / "round1"
     fp = fingerprint(g1)
     previous = load_file(str(g1 / "adapter" / "adapter_model.safetensors"))
-    ups = [write_update(tmp_path / f"v{i}", f"fac{i}", {k: v + 0.01 * (i + 1) for k, v in previous.items()}, fp, samples=1, round_number=2, mode="lora", adapter_config=_config(4, 16.0)) for i in range(2)]
-    aggregate(AggregateConfig(global_dir=g1, updates=ups, out=tmp_path / "round2", lora_merge="fedit", strategy="fedavgm", server_lr=1.0, momentum=0.5))
+    ups = [
+        write_update(
+            tmp_path / f"v{i}",
+            f"fac{i}",
+            {k: v + 0.01 * (i + 1) for k, v in previous.items()},
+            fp,
+            samples=1,
+            round_number=2,
+            mode="lora",
+            adapter_config=_config(4, 16.0),
+        )
+        for i in range(2)
+    ]
+    run_aggregate(
+        global_dir=g1,
+        updates=ups,
+        out=tmp_path / "round2",
+        lora_merge="fedit",
+        strategy="fedavgm",
+        server_lr=1.0,
+        momentum=0.5,
+    )
     new = load_file(str(tmp_path / "round2" / "adapter" / "adapter_model.safetensors"))
     for k, v in previous.items():
         # pseudo-gradient is -0.015 everywhere, momentum starts at zero: one step of lr 1 moves by +0.015
         torch.testing.assert_close(new[k], v + 0.015, rtol=0, atol=1e-6)
     with pytest.raises(Exception, match="fedit"):
-        aggregate(AggregateConfig(global_dir=g1, updates=ups, out=tmp_path / "round2-exact", lora_merge="exact"))
+        run_aggregate(global_dir=g1, updates=ups, out=tmp_path / "round2-exact", lora_merge="exact")
     assert not (tmp_path / "round2-exact").exists()

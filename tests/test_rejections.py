@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import run_cli, write_global, write_update
 from xffl_cwl.cli import cli
-from xffl_cwl.model_dir import fingerprint
+from xffl_cwl.learning.model_dir import fingerprint
 
 
 def _base() -> dict[str, torch.Tensor]:
@@ -41,13 +41,25 @@ def _bad_update(tmp_path, gdir, name="lumi", **changes) -> object:
 
 
 CASES = {
-    "wrong shape": ({"tensors": {"layer.weight": torch.zeros(3, 4)}}, "tensor 'layer.weight' has shape [3, 4], the global model has [4, 3]"),
-    "wrong dtype": ({"tensors": {"layer.bias": torch.zeros(4, dtype=torch.bfloat16)}}, "tensor 'layer.bias' has dtype BF16, the global model has F32"),
+    "wrong shape": (
+        {"tensors": {"layer.weight": torch.zeros(3, 4)}},
+        "tensor 'layer.weight' has shape [3, 4], the global model has [4, 3]",
+    ),
+    "wrong dtype": (
+        {"tensors": {"layer.bias": torch.zeros(4, dtype=torch.bfloat16)}},
+        "tensor 'layer.bias' has dtype BF16, the global model has F32",
+    ),
     "missing tensor": ({"drop": ["layer.bias"]}, "tensor 'layer.bias' of the global model is missing"),
     "extra tensor": ({"tensors": {"layer.extra": torch.zeros(2)}}, "tensor 'layer.extra' is not in the global model"),
-    "nan": ({"tensors": {"layer.weight": torch.full((4, 3), math.nan)}}, "tensor 'layer.weight' holds NaN or Inf values"),
-    "inf": ({"tensors": {"layer.bias": torch.tensor([0.0, math.inf, 0.0, 0.0])}}, "tensor 'layer.bias' holds NaN or Inf values"),
-    "foreign base": ({"fp": "sha256:0000"}, "it was trained from a different global model"),
+    "nan": (
+        {"tensors": {"layer.weight": torch.full((4, 3), math.nan)}},
+        "tensor 'layer.weight' holds NaN or Inf values",
+    ),
+    "inf": (
+        {"tensors": {"layer.bias": torch.tensor([0.0, math.inf, 0.0, 0.0])}},
+        "tensor 'layer.bias' holds NaN or Inf values",
+    ),
+    "foreign base": ({"fp": "sha256:" + "0" * 64}, "it was trained from a different global model"),
     "stale round": ({"round_number": 7}, "it is for round 7, this aggregation is for round 1"),
     "zero samples": ({"samples": 0}, "it reports 0 training samples"),
     "wrong kind": ({"mode": "lora", "tensors": {}}, None),
@@ -59,12 +71,24 @@ def test_bad_update_is_rejected_with_facility_and_tensor(world, case):
     tmp_path, gdir, good = world
     changes, expected = CASES[case]
     if case == "wrong kind":
-        bad = write_update(tmp_path / "bad-lumi", "lumi", {"base_model.model.layer.lora_A.weight": torch.zeros(2, 3), "base_model.model.layer.lora_B.weight": torch.zeros(4, 2)}, fingerprint(gdir), mode="lora", adapter_config={"r": 2, "lora_alpha": 4})
+        bad = write_update(
+            tmp_path / "bad-lumi",
+            "lumi",
+            {
+                "base_model.model.layer.lora_A.weight": torch.zeros(2, 3),
+                "base_model.model.layer.lora_B.weight": torch.zeros(4, 2),
+            },
+            fingerprint(gdir),
+            mode="lora",
+            adapter_config={"r": 2, "lora_alpha": 4},
+        )
         expected = "it is a lora update, the others are full"
     else:
         bad = _bad_update(tmp_path, gdir, **changes)
     out = tmp_path / "next"
-    code, err = _invoke("aggregate", "--global", gdir, "--update", good, "--update", bad, "--out", out, "--min-updates", 2)
+    code, err = _invoke(
+        "aggregate", "--global", gdir, "--update", good, "--update", bad, "--out", out, "--min-updates", 2
+    )
     assert code == 2
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1, err
@@ -83,13 +107,15 @@ def test_bad_update_is_rejected_with_facility_and_tensor(world, case):
 def test_duplicate_facility(world):
     tmp_path, gdir, good = world
     twin = _bad_update(tmp_path, gdir, name="leonardo")
-    code, err = _invoke("aggregate", "--global", gdir, "--update", good, "--update", twin, "--out", tmp_path / "o", "--min-updates", 2)
+    code, err = _invoke(
+        "aggregate", "--global", gdir, "--update", good, "--update", twin, "--out", tmp_path / "o", "--min-updates", 2
+    )
     assert code == 2 and "leonardo: a second update from the same facility" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_update_json_and_corrupt_weights(world):
-    tmp_path, gdir, good = world
+    tmp_path, gdir, _good = world
     empty = tmp_path / "empty-update"
     empty.mkdir()
     corrupt = _bad_update(tmp_path, gdir, name="vega")
@@ -103,7 +129,7 @@ def test_missing_update_json_and_corrupt_weights(world):
 
 
 def test_truncated_update_is_rejected(world):
-    tmp_path, gdir, good = world
+    tmp_path, gdir, _good = world
     bad = _bad_update(tmp_path, gdir, name="karolina")
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
@@ -118,7 +144,10 @@ def test_bad_options_are_refused_before_reading(world):
         (["--update", good, "--out", tmp_path / "o", "--min-updates", 0], "--min-updates must be at least 1"),
         (["--out", tmp_path / "o"], "no --update given"),
         (["--update", good, "--out", tmp_path / "o", "--betas", "0.9"], "--betas must be two comma-separated numbers"),
-        (["--update", good, "--out", tmp_path / "o", "--strategy", "fedadam", "--server-lr", "-1"], "--server-lr must be positive"),
+        (
+            ["--update", good, "--out", tmp_path / "o", "--strategy", "fedadam", "--server-lr", "-1"],
+            "--server-lr must be positive",
+        ),
         (["--update", good, "--out", tmp_path / "o", "--state", tmp_path / "nope"], "keeps no state"),
         (["--update", good, "--out", tmp_path / "o", "--strategy", "fedadam", "--state", tmp_path / "nope"], "--state"),
         (["--update", good, "--out", good], "already exists and is not empty"),
@@ -133,7 +162,7 @@ def test_bad_options_are_refused_before_reading(world):
 
 
 def test_real_binary_exits_2_with_one_line(world):
-    tmp_path, gdir, good = world
+    tmp_path, gdir, _good = world
     bad = _bad_update(tmp_path, gdir, tensors={"layer.weight": torch.full((4, 3), math.nan)})
     proc = run_cli("aggregate", "--global", gdir, "--update", bad, "--out", tmp_path / "o")
     assert proc.returncode == 2

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xffl_cwl.errors import InputError
-from xffl_cwl.safetensors_stream import ShardWriter, TensorReader, TensorSpec, read_checkpoint, read_shard, row_chunks
+from xffl_cwl.learning.safetensors_stream import (
+    ShardWriter,
+    TensorReader,
+    TensorSpec,
+    read_checkpoint,
+    read_shard,
+    row_chunks,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -38,7 +45,14 @@ def test_chunked_reads_match_safetensors(tmp_path):
 
 def test_chunked_writes_load_in_safetensors(tmp_path):
     tensors = _tensors()
-    specs = [TensorSpec(n, {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    specs = [
+        TensorSpec(
+            n,
+            {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}[t.dtype],
+            tuple(t.shape),
+        )
+        for n, t in tensors.items()
+    ]
     writer = ShardWriter(tmp_path / "out.safetensors", specs, {"format": "pt", "note": "x"})
     for name, tensor in tensors.items():
         flat = tensor.reshape(-1)
@@ -89,7 +103,12 @@ def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
     save_file({"a": torch.ones(3)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(2, 2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+            }
+        )
     )
     ckpt = read_checkpoint(tmp_path)
     assert ckpt.relpaths == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

@@ -29,7 +29,12 @@ def _federation(path: Path, demo_assets, entries: str, rounds: int = 2, steps: i
 
 
 def _squeue(facility: dict) -> list[str]:
-    proc = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": facility["slurm_conf"]})
+    proc = subprocess.run(
+        ["squeue", "-h", "-o", "%i %j"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": facility["slurm_conf"]},
+    )
     return [line for line in proc.stdout.splitlines() if "xffl" in line]
 
 
@@ -47,7 +52,7 @@ def slurm_run(facilities, demo_assets, datasets, tmp_path_factory):
     before = {name: len(jobcomp(facilities["by_name"][name])) for name in FACILITIES}
     proc = run_cli("run", root / "run", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    new_jobs = {name: jobcomp(facilities["by_name"][name])[before[name]:] for name in FACILITIES}
+    new_jobs = {name: jobcomp(facilities["by_name"][name])[before[name] :] for name in FACILITIES}
     return {"root": root, "run": root / "run", "federation": federation, "proc": proc, "jobs": new_jobs}
 
 
@@ -73,10 +78,15 @@ def test_every_training_step_was_a_slurm_job_on_its_own_cluster(slurm_run, facil
             assert job["WorkDir"].startswith(facility["workdir"] + "/")
             assert job["NodeList"] == facility["node"]
         for iteration in ("0.0", "0.1"):
-            scheduled = re.search(rf"Scheduled job /federation/train_{name}/{iteration} with job id (\d+) on {name}", log)
+            scheduled = re.search(
+                rf"Scheduled job /federation/train_{name}/{iteration} with job id (\d+) on {name}", log
+            )
             assert scheduled and scheduled[1] == jobs[f"xffl-train_{name}-{iteration}"]["JobId"]
         # the data stayed on the facility: the train job read it from its own home, not from here
-        assert re.search(rf"COPYING from {re.escape(facility['home'])}/data/{name} to {re.escape(facility['workdir'])}/\S+ on location {name}/", log)
+        assert re.search(
+            rf"COPYING from {re.escape(facility['home'])}/data/{name} to {re.escape(facility['workdir'])}/\S+ on location {name}/",
+            log,
+        )
 
 
 def test_aggregation_and_evaluation_ran_on_the_aggregator(slurm_run):
@@ -87,7 +97,9 @@ def test_aggregation_and_evaluation_ran_on_the_aggregator(slurm_run):
         for where, directory in lines:
             assert where == "locally" and directory.startswith(str(slurm_run["run"] / "work" / "aggregator"))
     assert len(list((slurm_run["run"] / "work" / "aggregator").glob("*/model/aggregate.json"))) == 2
-    assert not any("aggregate" in job["Name"] or "evaluate" in job["Name"] for jobs in slurm_run["jobs"].values() for job in jobs)
+    assert not any(
+        "aggregate" in job["Name"] or "evaluate" in job["Name"] for jobs in slurm_run["jobs"].values() for job in jobs
+    )
 
 
 def test_check_finds_every_facility_ready(slurm_run):
@@ -96,7 +108,13 @@ def test_check_finds_every_facility_ready(slurm_run):
     rows = [line.split()[:3] for line in proc.stdout.splitlines()[1:]]
     for name in FACILITIES:
         assert {what: result for facility, what, result in rows if facility == name} == {
-            "template": "ok", "login": "ok", "sbatch": "ok", "partition": "ok", "xffl-cwl": "ok", "dataset": "ok", "workdir": "ok"
+            "template": "ok",
+            "login": "ok",
+            "sbatch": "ok",
+            "partition": "ok",
+            "xffl-cwl": "ok",
+            "dataset": "ok",
+            "workdir": "ok",
         }
 
 
@@ -106,16 +124,34 @@ def good_run(facilities, demo_assets, datasets, tmp_path):
     entries = "".join(slurm_facility_yaml(facilities, name, datasets[name]) for name in FACILITIES)
     federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1)
     generate(load_federation(federation), tmp_path / "run")
-    counts = lambda: [len(jobcomp(facilities["by_name"][n])) + len(_squeue(facilities["by_name"][n])) for n in FACILITIES]  # noqa: E731
+
+    def counts():
+        return [len(jobcomp(facilities["by_name"][n])) + len(_squeue(facilities["by_name"][n])) for n in FACILITIES]
+
     return tmp_path / "run", counts
 
 
 BAD_CONFIG = {
-    "wrong key path": (r"sshKey: \S+", "sshKey: /nonexistent/id_ed25519", "ssh key", "/nonexistent/id_ed25519 does not exist"),
+    "wrong key path": (
+        r"sshKey: \S+",
+        "sshKey: /nonexistent/id_ed25519",
+        "ssh key",
+        "/nonexistent/id_ed25519 does not exist",
+    ),
     "unknown host key": (r"knownHosts: \S+", "knownHosts: {empty}", "host key", "127.0.0.1:2222 is not trusted by"),
     "unreachable host": (r"port: 2222", "port: 2299", "reachable", "cannot reach 127.0.0.1:2299"),
-    "template without placeholder": (r"template: generic", "template: {broken}", "template", "has no {{streamflow_command}} placeholder"),
-    "unknown preset": (r"template: generic", "template: leonard", "template", "unknown SLURM template preset 'leonard'"),
+    "template without placeholder": (
+        r"template: generic",
+        "template: {broken}",
+        "template",
+        "has no {{streamflow_command}} placeholder",
+    ),
+    "unknown preset": (
+        r"template: generic",
+        "template: leonard",
+        "template",
+        "unknown SLURM template preset 'leonard'",
+    ),
 }
 
 
@@ -128,7 +164,9 @@ def test_bad_facility_configuration_is_one_clear_error_before_any_job(good_run, 
     replacement = replacement.format(empty=tmp_path / "empty_known_hosts", broken="broken.sh")
     config = (run / "streamflow.yml").read_text()
     first = re.search(r"  leonardo:\n    type: xffl-facility\n(    .*\n)+", config)
-    (run / "streamflow.yml").write_text(config[: first.start()] + re.sub(pattern, replacement, first[0], count=1) + config[first.end() :])
+    (run / "streamflow.yml").write_text(
+        config[: first.start()] + re.sub(pattern, replacement, first[0], count=1) + config[first.end() :]
+    )
     before = counts()
     started = time.monotonic()
     proc = run_cli("run", run, timeout=120)
@@ -150,7 +188,9 @@ def test_bad_facility_configuration_is_one_clear_error_before_any_job(good_run, 
 )
 def test_generate_refuses_bad_facilities(facilities, demo_assets, tmp_path, key, value, message):
     (tmp_path / "broken.sh").write_text("#!/bin/bash\necho missing\n")
-    entry = slurm_facility_yaml(facilities, "leonardo", "/home/hpc_leonardo/data/leonardo", **{key: value.format(broken=tmp_path / "broken.sh")})
+    entry = slurm_facility_yaml(
+        facilities, "leonardo", "/home/hpc_leonardo/data/leonardo", **{key: value.format(broken=tmp_path / "broken.sh")}
+    )
     federation = _federation(tmp_path / "federation.yml", demo_assets, entry)
     federation.write_text(federation.read_text().replace("min_updates: 2", "min_updates: 1"))
     proc = run_cli("generate", federation, "-o", tmp_path / "run")
@@ -160,7 +200,9 @@ def test_generate_refuses_bad_facilities(facilities, demo_assets, tmp_path, key,
 
 def test_unknown_host_key_fails_check_with_a_fix(facilities, demo_assets, datasets, tmp_path):
     (tmp_path / "known_hosts").write_text("")
-    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"], known_hosts=str(tmp_path / "known_hosts"))
+    entries = slurm_facility_yaml(
+        facilities, "leonardo", datasets["leonardo"], known_hosts=str(tmp_path / "known_hosts")
+    )
     entries += slurm_facility_yaml(facilities, "lumi", datasets["lumi"])
     federation = _federation(tmp_path / "federation.yml", demo_assets, entries)
     proc = run_cli("check", federation)
@@ -177,7 +219,9 @@ def test_a_failing_facility_is_named_and_the_others_jobs_are_cancelled(facilitie
     broken.write_text('{"text": "fine"}\n{not json\n')
     broken_on_lumi = place_dataset(lumi, broken)
     # leonardo trains for long enough to be still running when lumi fails
-    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]) + slurm_facility_yaml(facilities, "lumi", broken_on_lumi)
+    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]) + slurm_facility_yaml(
+        facilities, "lumi", broken_on_lumi
+    )
     federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1, steps=3000)
     generate(load_federation(federation), tmp_path / "run")
     before = len(jobcomp(facilities["by_name"]["leonardo"]))

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from xffl_cwl.slurm_templates import PRESETS, TemplateError, check_template, context, default_runtime, load_template, preset_text, render, sbatch_flags
+from xffl_cwl.contract.facility import ContainerSettings, SbatchOptions
+from xffl_cwl.facility.templates import (
+    TemplateError,
+    effective_runtime,
+    job_variables,
+    load_template,
+    parse_template,
+    presets,
+)
+
+PRESETS = presets()
 
 COMMAND = "cd /scratch/job && export HOME=\"/scratch/job\" && xffl-cwl train --model 'a b' --facility x 2>train.log"
 NVIDIA = {"leonardo", "marenostrum5", "meluxina", "karolina", "vega", "deucalion", "discoverer"}
@@ -15,9 +26,15 @@ NVIDIA = {"leonardo", "marenostrum5", "meluxina", "karolina", "vega", "deucalion
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("with_container", [True, False], ids=["container", "bare"])
 def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
-    text = load_template(preset, tmp_path)
-    container = {"image": "/work/images/client.sif", "bind": ["/scratch/work", "/data"]} if with_container else {"runtime": "none"}
-    script = render(text, COMMAND, context({"account": "proj_x", "time": "02:00:00"}, container, ["module load cuda"]))
+    template = load_template(preset, tmp_path)
+    container = (
+        ContainerSettings(image="/work/images/client.sif", bind=("/scratch/work", "/data"))
+        if with_container
+        else ContainerSettings(runtime="none")
+    )
+    script = template.render(
+        COMMAND, job_variables(SbatchOptions(account="proj_x", time="02:00:00"), container, ("module load cuda",))
+    )
     assert script.startswith("#!/bin/bash\n")
     sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH ")]
     assert any(line.startswith("#SBATCH --job-name=") for line in sbatch)
@@ -30,7 +47,7 @@ def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
     path.write_text(script)
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    runtime = default_runtime(text)
+    runtime = effective_runtime(template, ContainerSettings())
     if with_container and runtime != "none":
         exec_line = next(line for line in script.splitlines() if " exec " in line)
         assert exec_line.split()[exec_line.split().index("exec") - 1] == runtime
@@ -42,8 +59,8 @@ def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"generic"}))
 def test_system_presets_hold_their_defaults_but_no_account(preset):
-    text = preset_text(preset)
-    script = render(text, "true", context({}, {"image": "/i.sif"}, []))
+    template = load_template(preset, Path("."))
+    script = template.render("true", job_variables(SbatchOptions(), ContainerSettings(image="/i.sif"), ()))
     assert "--account" not in script, "accounts are per user, never a default"
     for option in ("--partition=", "--time=", "--gpus-per-node=", "--cpus-per-task="):
         assert f"#SBATCH {option}" in script
@@ -53,7 +70,12 @@ def test_system_presets_hold_their_defaults_but_no_account(preset):
         assert preset in NVIDIA and "NCCL_IB_DISABLE=0" in script
     assert "srun" in script
     # a facility's own options replace the defaults
-    custom = render(text, "true", context({"partition": "mypart", "qos": "myqos", "gpusPerNode": 2}, {"image": "/i.sif"}, []))
+    custom = template.render(
+        "true",
+        job_variables(
+            SbatchOptions(partition="mypart", qos="myqos", gpus_per_node=2), ContainerSettings(image="/i.sif"), ()
+        ),
+    )
     assert "#SBATCH --partition=mypart" in custom and "#SBATCH --gpus-per-node=2" in custom
 
 
@@ -64,11 +86,11 @@ def test_template_errors_name_the_problem(tmp_path):
     with pytest.raises(TemplateError, match=r"has no \{\{streamflow_command\}\} placeholder"):
         load_template("mine.sh", tmp_path)
     with pytest.raises(TemplateError, match="not valid Jinja2"):
-        check_template("{% if %}{{ streamflow_command }}", "broken")
+        parse_template("{% if %}{{ streamflow_command }}", "broken")
     with pytest.raises(TemplateError, match="cannot be read"):
         load_template("missing/template.sh", tmp_path)
 
 
 def test_explicit_options_become_flags():
-    flags = sbatch_flags({"partition": "p", "gpusPerNode": 4, "extra": ["--exclusive"]})
+    flags = SbatchOptions(partition="p", gpus_per_node=4, extra=("--exclusive",)).flags()
     assert flags == ["--partition=p", "--gpus-per-node=4", "--exclusive"]

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_global, write_update
-from xffl_cwl.aggregation import AggregateConfig, aggregate
-from xffl_cwl.model_dir import fingerprint
+from conftest import run_aggregate, write_global, write_update
+from xffl_cwl.learning.model_dir import fingerprint
 
 SHAPES = {"w": (6, 5), "b": (5,), "h": (4, 3)}
 
@@ -32,7 +31,7 @@ def _round(tmp_path, tag: str, global_dir, samples: list[int], seed: int, **kwar
         updates.append(tensors)
         paths.append(write_update(tmp_path / f"{tag}-u{i}", f"fac{i}", tensors, fp, samples=n))
     out = tmp_path / f"{tag}-out"
-    result = aggregate(AggregateConfig(global_dir=global_dir, updates=paths, out=out, chunk_elems=7, **kwargs))
+    result = run_aggregate(global_dir=global_dir, updates=paths, out=out, chunk_elems=7, **kwargs)
     return result, updates, out
 
 
@@ -57,7 +56,9 @@ def test_uniform_weighting(tmp_path):
     np.testing.assert_allclose(got["w"].numpy(), (updates[0]["w"].numpy() + updates[1]["w"].numpy()) / 2, rtol=1e-6)
 
 
-def _reference_step(name: str, x: np.ndarray, mean: np.ndarray, state: dict, lr: float, mom: float, b1: float, b2: float, tau: float) -> np.ndarray:
+def _reference_step(
+    name: str, x: np.ndarray, mean: np.ndarray, state: dict, lr: float, mom: float, b1: float, b2: float, tau: float
+) -> np.ndarray:
     g = x - mean
     if name == "fedavgm":
         state["m"] = mom * state.get("m", 0) + g
@@ -81,7 +82,7 @@ def test_server_optimizer_two_rounds_with_state(tmp_path, strategy):
     g0 = write_global(tmp_path / "g0", _random(1))
     samples = [4, 12]
     # round 1: no state
-    r1, ups1, out1 = _round(tmp_path, "r1", g0, samples, seed=11, strategy=strategy, **settings)
+    _r1, ups1, out1 = _round(tmp_path, "r1", g0, samples, seed=11, strategy=strategy, **settings)
     assert (out1 / "state" / "state.json").is_file()
     assert json.loads((out1 / "state" / "state.json").read_text())["step"] == 1
     # round 2: state carried from round 1; the round-1 output becomes the global model
@@ -102,7 +103,13 @@ def test_server_optimizer_two_rounds_with_state(tmp_path, strategy):
         x2 = _reference_step(strategy, got1[k].double().numpy(), mean2, state, 0.5, 0.8, 0.85, 0.95, 0.05)
         np.testing.assert_allclose(got2[k].numpy(), x2, rtol=1e-5, atol=1e-6)
     # the step really used the state: without it round 2 gives something else
-    fresh = aggregate(AggregateConfig(global_dir=out1, updates=[tmp_path / "r2-u0", tmp_path / "r2-u1"], out=tmp_path / "nostate", strategy=strategy, **settings))
+    fresh = run_aggregate(
+        global_dir=out1,
+        updates=[tmp_path / "r2-u0", tmp_path / "r2-u1"],
+        out=tmp_path / "nostate",
+        strategy=strategy,
+        **settings,
+    )
     assert fresh["fingerprint"] != r2["fingerprint"]
 
 

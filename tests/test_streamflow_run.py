@@ -58,7 +58,17 @@ def test_cwltool_runs_the_same_folder_to_the_same_model(demo, tmp_path):
     workdir, _ = demo
     run = workdir / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "cwltool", "--enable-ext", "--no-container", "--outdir", str(tmp_path / "out"), "main.cwl", "inputs.yml"],
+        [
+            sys.executable,
+            "-m",
+            "cwltool",
+            "--enable-ext",
+            "--no-container",
+            "--outdir",
+            str(tmp_path / "out"),
+            "main.cwl",
+            "inputs.yml",
+        ],
         cwd=run,
         capture_output=True,
         text=True,

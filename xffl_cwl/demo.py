@@ -11,11 +11,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from xffl_cwl.demo_assets import facility_names, make_demo_assets
+from xffl_cwl.contract.strategies import STRATEGIES
 from xffl_cwl.errors import InputError
 from xffl_cwl.execution.supervisor import RunResult, run
 from xffl_cwl.federation import load_federation
 from xffl_cwl.generator import generate
+from xffl_cwl.learning.demo_assets import facility_names, make_demo_assets
 
 MARKER = ".xffl-demo"
 
@@ -33,7 +34,7 @@ training:
   lr: 0.003
   seq_len: 64
 aggregation:
-  strategy: fedavg                  # fedavgm, fedadam, fedyogi or nesterov carry a server state
+  strategy: fedavg                  # {stateful} carry a server state
   min_updates: {count}
 facilities:
 {facilities}"""
@@ -49,7 +50,14 @@ def _prepare(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by xffl-cwl demo; `xffl-cwl demo` replaces this folder\n")
 
 
-def run_demo(workdir: Path, facilities: int = 3, rounds: int = 3, steps: int = 20, say: Callable[[str], None] = print, timeout: float | None = None) -> RunResult:
+def run_demo(
+    workdir: Path,
+    facilities: int = 3,
+    rounds: int = 3,
+    steps: int = 20,
+    say: Callable[[str], None] = print,
+    timeout: float | None = None,
+) -> RunResult:
     if rounds < 1 or steps < 1:
         raise InputError("--rounds and --steps must be at least 1")
     names = facility_names(facilities)
@@ -59,8 +67,14 @@ def run_demo(workdir: Path, facilities: int = 3, rounds: int = 3, steps: int = 2
     assets = make_demo_assets(workdir / "assets", names)
     entries = "".join(f"  - name: {n}\n    dataset: assets/data/{n}    # {assets.tasks[n]}\n" for n in names)
     federation = workdir / "federation.yml"
-    federation.write_text(FEDERATION_TEMPLATE.format(count=len(names), rounds=rounds, steps=steps, facilities=entries))
+    stateful = ", ".join(s.name for s in STRATEGIES.values() if s.slots)
+    text = FEDERATION_TEMPLATE.format(
+        count=len(names), rounds=rounds, steps=steps, facilities=entries, stateful=stateful
+    )
+    federation.write_text(text)
     spec = load_federation(federation)
     generate(spec, workdir / "run")
-    say(f"generated {workdir / 'run'}: {', '.join(names)} train, the aggregator merges; running {rounds} rounds with StreamFlow")
+    say(
+        f"generated {workdir / 'run'}: {', '.join(names)} train, the aggregator merges; running {rounds} rounds with StreamFlow"
+    )
     return run(workdir / "run", say=say, timeout=timeout)

@@ -5,7 +5,15 @@ for any SSH deployment. Only job runs differ: the command is rendered into the f
 batch template (a preset from slurm/ or the user's file), submitted with sbatch over SSH,
 polled with squeue, and its exit code read back with scontrol (sacct if the job has left the
 controller's memory). Jobs still queued or running are cancelled when the deployment is undeployed
-or the step is cancelled, so a failed or interrupted run leaves nothing behind on the cluster.
+or the step is cancelled, so a failed or interrupted run leaves nothing behind on the cluster
+(StreamFlow's own QueueManagerConnector does the same for its jobs; this connector is not one,
+because in 0.2.0rc3 a queue manager wrapping an SSH connector fails at its first job).
+
+StreamFlow private names this module touches (0.2.0rc3 is pinned; tests/test_plugin.py checks
+each still exists with the meaning used here):
+- `SSHConnector._cls_context`: the SSHContext class its connections come from;
+- `SSHContext._get_connection(config)`: overridden to add the facility's known_hosts file, which
+  StreamFlow cannot be given, to StreamFlow's own connection options (see facility/ssh.py).
 """
 
 from __future__ import annotations
@@ -19,52 +27,39 @@ import time
 from collections.abc import MutableMapping, MutableSequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncssh
 from streamflow.core import utils
 from streamflow.core.deployment import ExecutionLocation
 from streamflow.core.exception import WorkflowDefinitionException, WorkflowExecutionException
 from streamflow.core.scheduling import AvailableLocation
-from streamflow.deployment.connector.ssh import SSHConnector, SSHContext, parse_hostname
+from streamflow.deployment.connector.ssh import SSHConnector, SSHContext
 from streamflow.log_handler import logger
 
-from xffl_cwl.slurm_templates import TemplateError, context, default_runtime, load_template, render, sbatch_flags
+from xffl_cwl.contract.facility import FacilityConfig
+from xffl_cwl.facility.ssh import Login, connect_options, explain
+from xffl_cwl.facility.templates import TemplateError, effective_runtime, job_variables, load_template
 
 STDOUT = asyncio.subprocess.STDOUT
 ACTIVE_STATES = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQUEUED,SIGNALING,STAGE_OUT"
 FAILED_STATES = ("TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
-def _known_hosts_context(known_hosts: str | None) -> type[SSHContext]:
-    """StreamFlow's SSH context always reads ~/.ssh/known_hosts; this one reads the facility's file.
+class FacilitySSHContext(SSHContext):
+    """StreamFlow's SSH context, logging in with xffl-cwl's options (StreamFlow's plus known_hosts)."""
 
-    It overrides SSHContext._get_connection (private in StreamFlow 0.2.0rc3, which xffl-cwl pins).
-    """
+    login: ClassVar[Login]
 
-    class FacilitySSHContext(SSHContext):
-        async def _get_connection(self, config):  # type: ignore[override]
-            if config is None:
-                return None
-            host, port = parse_hostname(config.hostname)
-            return await asyncssh.connect(
-                host=host,
-                port=port,
-                username=config.username,
-                client_keys=config.client_keys,
-                known_hosts=(known_hosts or ()) if config.check_host_key else None,
-                connect_timeout=config.connect_timeout,
-                tunnel=await self._get_connection(config.tunnel),
-            )
-
-    return FacilitySSHContext
+    async def _get_connection(self, config):  # type: ignore[override]
+        if config is None:
+            return None
+        options = connect_options(self.login, client_keys=config.client_keys, timeout=config.connect_timeout)
+        return await asyncssh.connect(**options, tunnel=await self._get_connection(config.tunnel))
 
 
-def _resolve(path: str | None, config_dir: str) -> str | None:
-    if path is None:
-        return None
-    candidate = Path(path).expanduser()
-    return str(candidate if candidate.is_absolute() else (Path(config_dir) / candidate).resolve())
+def _context_class(login: Login) -> type[SSHContext]:
+    return type("FacilitySSHContext", (FacilitySSHContext,), {"login": login})
 
 
 def _slurm_job_name(job_name: str) -> str:
@@ -74,64 +69,50 @@ def _slurm_job_name(job_name: str) -> str:
 
 
 class XfflFacilityConnector(SSHConnector):
-    def __init__(
-        self,
-        deployment_name: str,
-        config_dir: str,
-        host: str,
-        username: str,
-        port: int = 22,
-        sshKey: str | None = None,
-        knownHosts: str | None = None,
-        checkHostKey: bool = True,
-        connectTimeout: int = 30,
-        retries: int = 3,
-        retryDelay: int = 5,
-        maxConcurrentSessions: int = 10,
-        template: str = "generic",
-        sbatch: MutableMapping[str, Any] | None = None,
-        container: MutableMapping[str, Any] | None = None,
-        setup: MutableSequence[str] | None = None,
-        maxConcurrentJobs: int = 4,
-        pollingInterval: float = 5,
-        transferBufferSize: int = 2**16,
-    ) -> None:
-        key = _resolve(sshKey, config_dir)
-        known_hosts = _resolve(knownHosts, config_dir)
-        for option, path in (("sshKey", key), ("knownHosts", known_hosts)):
-            if path is not None and not Path(path).is_file():
-                raise WorkflowDefinitionException(f"deployment {deployment_name}: {option} {path} does not exist; fix the path in streamflow.yml")
+    def __init__(self, deployment_name: str, config_dir: str, **config: Any) -> None:
+        def fail(problem: str) -> WorkflowDefinitionException:
+            return WorkflowDefinitionException(f"deployment {deployment_name}: {problem}")
+
+        try:
+            facility = FacilityConfig.from_streamflow(config)
+        except (TypeError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+        login = Login.of(facility, config_dir)
+        problem = login.missing_file()
+        if problem is not None:
+            raise fail(f"{problem.detail}; fix the path in streamflow.yml")
         super().__init__(
             deployment_name=deployment_name,
             config_dir=config_dir,
-            nodes=[f"{host}:{port}"],
-            username=username,
-            checkHostKey=checkHostKey,
-            connectTimeout=connectTimeout,
-            maxConcurrentSessions=maxConcurrentSessions,
-            retries=retries,
-            retryDelay=retryDelay,
-            sshKey=key,
-            transferBufferSize=transferBufferSize,
+            nodes=[f"{facility.host}:{facility.port}"],
+            username=facility.username,
+            checkHostKey=facility.check_host_key,
+            connectTimeout=facility.connect_timeout,
+            maxConcurrentSessions=facility.max_concurrent_sessions,
+            retries=facility.retries,
+            retryDelay=facility.retry_delay,
+            sshKey=None if login.key is None else str(login.key),
+            sshKeyPassphraseFile=None if login.passphrase_file is None else str(login.passphrase_file),
+            passwordFile=None if login.password_file is None else str(login.password_file),
+            transferBufferSize=facility.transfer_buffer_size,
         )
-        self._cls_context = _known_hosts_context(known_hosts)
-        self.known_hosts = known_hosts or str(Path("~/.ssh/known_hosts").expanduser())
+        self._cls_context = _context_class(login)
+        self.facility = facility
+        self.login = login
         try:
-            self.template = load_template(template, Path(config_dir))
+            self.template = load_template(facility.template, Path(config_dir))
         except TemplateError as exc:
-            raise WorkflowDefinitionException(f"deployment {deployment_name}: {exc}") from exc
-        container = dict(container or {})
-        runtime = container.get("runtime") or default_runtime(self.template)
-        if runtime != "none" and not container.get("image"):
-            raise WorkflowDefinitionException(
-                f"deployment {deployment_name}: jobs run in {runtime} (template {template}) but container.image is not set; "
+            raise fail(str(exc)) from exc
+        runtime = effective_runtime(self.template, facility.container)
+        if runtime != "none" and not facility.container.image:
+            raise fail(
+                f"jobs run in {runtime} (template {facility.template}) but container.image is not set; "
                 "give the image's path on the facility, or set container.runtime: none"
             )
-        self.sbatch = dict(sbatch or {})
-        self.variables = context(self.sbatch, container, list(setup or []))
-        self.flags = sbatch_flags(self.sbatch)
-        self.maxConcurrentJobs = maxConcurrentJobs
-        self.pollingInterval = pollingInterval
+        self.variables = job_variables(facility.sbatch, facility.container, facility.setup)
+        self.flags = facility.sbatch.flags()
+        self.maxConcurrentJobs = facility.max_concurrent_jobs
+        self.pollingInterval = facility.polling_interval
         self._jobs: dict[str, ExecutionLocation] = {}
         self._poll_lock = asyncio.Lock()
         self._polled_at = float("-inf")
@@ -145,26 +126,18 @@ class XfflFacilityConnector(SSHConnector):
         """Log in once now, so a wrong key, an unknown host key or an unreachable host is one clear error."""
         await super().deploy(external)
         node = next(iter(self.nodes.values()))
-        host, port = parse_hostname(node.hostname)
         try:
             connection = await self._cls_context(self.config_dir, node, 1)._get_connection(node)
             connection.close()
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise WorkflowDefinitionException(
-                f"deployment {self.deployment_name}: the host key of {host}:{port} is not trusted by {self.known_hosts} ({exc.reason}); "
-                f"check its fingerprint and add it, e.g. ssh-keyscan -p {port} {host} >> {self.known_hosts}"
-            ) from exc
-        except asyncssh.PermissionDenied as exc:
-            raise WorkflowDefinitionException(
-                f"deployment {self.deployment_name}: {host}:{port} refused user {node.username} with key {node.client_keys[0] if node.client_keys else '(none)'}"
-            ) from exc
-        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            raise WorkflowDefinitionException(f"deployment {self.deployment_name}: cannot reach {host}:{port} ({exc or type(exc).__name__})") from exc
+        except Exception as exc:  # every way a login fails becomes one sentence
+            raise WorkflowDefinitionException(f"deployment {self.deployment_name}: {explain(exc, self.login)}") from exc
 
     async def get_available_locations(self, service: str | None = None) -> MutableMapping[str, AvailableLocation]:
         """The login node, with one slot per job the facility may have queued at once (no local hardware limits)."""
         return {
-            name: AvailableLocation(name=name, deployment=self.deployment_name, hostname=name, service=service, slots=self.maxConcurrentJobs)
+            name: AvailableLocation(
+                name=name, deployment=self.deployment_name, hostname=name, service=service, slots=self.maxConcurrentJobs
+            )
             for name in self.nodes
         }
 
@@ -187,9 +160,13 @@ class XfflFacilityConnector(SSHConnector):
         job_name: str | None = None,
     ) -> tuple[str, int] | None:
         if job_name is None:
-            return await super().run(location, command, environment, workdir, stdin, stdout, stderr, capture_output, timeout, job_name)
-        job_command = utils.create_command(self.__class__.__name__, command, environment, workdir, stdin, stdout, stderr)
-        script = render(self.template, job_command, self.variables)
+            return await super().run(
+                location, command, environment, workdir, stdin, stdout, stderr, capture_output, timeout, job_name
+            )
+        job_command = utils.create_command(
+            self.__class__.__name__, command, environment, workdir, stdin, stdout, stderr
+        )
+        script = self.template.render(job_command, self.variables)
         job_dir = workdir or "."
         job_id = await self._submit(location, script, job_name, job_dir, timeout)
         try:
@@ -202,10 +179,14 @@ class XfflFacilityConnector(SSHConnector):
         returncode = await self._exit_code(location, job_id)
         output = ""
         if stdout == STDOUT:
-            output, _ = await self._shell(location, ["cat", shlex.quote(f"{job_dir}/.xffl-slurm-{job_id}.out"), "2>/dev/null", "||", "true"])
+            output, _ = await self._shell(
+                location, ["cat", shlex.quote(f"{job_dir}/.xffl-slurm-{job_id}.out"), "2>/dev/null", "||", "true"]
+            )
         return output.strip(), returncode
 
-    async def _submit(self, location: ExecutionLocation, script: str, job_name: str, job_dir: str, timeout: int | None) -> str:
+    async def _submit(
+        self, location: ExecutionLocation, script: str, job_name: str, job_dir: str, timeout: int | None
+    ) -> str:
         encoded = base64.b64encode(script.encode()).decode()
         options = [
             "--parsable",
@@ -214,17 +195,21 @@ class XfflFacilityConnector(SSHConnector):
             f"--error={job_dir}/.xffl-slurm-%j.err",
             *self.flags,
         ]
-        if "jobName" not in self.sbatch:
+        if self.facility.sbatch.job_name is None:
             options.append(f"--job-name={_slurm_job_name(job_name)}")
         if timeout:
             options.append(f"--time={utils.format_seconds_to_hhmmss(timeout)}")
         command = ["echo", encoded, "|", "base64", "-d", "|", "sbatch", *map(shlex.quote, options)]
         output, returncode = await self._shell(location, command)
         if returncode != 0:
-            raise WorkflowExecutionException(f"deployment {self.deployment_name}: sbatch refused job {job_name}: {output.strip()}")
+            raise WorkflowExecutionException(
+                f"deployment {self.deployment_name}: sbatch refused job {job_name}: {output.strip()}"
+            )
         job_id = output.strip().split(";")[0]
         if not job_id.isdigit():
-            raise WorkflowExecutionException(f"deployment {self.deployment_name}: sbatch answered {output.strip()!r} for job {job_name}")
+            raise WorkflowExecutionException(
+                f"deployment {self.deployment_name}: sbatch answered {output.strip()!r} for job {job_name}"
+            )
         self._jobs[job_id] = location
         if logger.isEnabledFor(logging.INFO):
             logger.info(f"Scheduled job {job_name} with job id {job_id} on {self.deployment_name}")
@@ -240,9 +225,13 @@ class XfflFacilityConnector(SSHConnector):
         """One squeue per polling interval for all of this facility's jobs."""
         async with self._poll_lock:
             if time.monotonic() - self._polled_at >= self.pollingInterval * 0.9 and self._jobs:
-                output, returncode = await self._shell(location, ["squeue", "-h", "-o", "%i", "-t", ACTIVE_STATES, "-j", ",".join(self._jobs)])
+                output, returncode = await self._shell(
+                    location, ["squeue", "-h", "-o", "%i", "-t", ACTIVE_STATES, "-j", ",".join(self._jobs)]
+                )
                 if returncode != 0 and "Invalid job id" not in output:
-                    raise WorkflowExecutionException(f"deployment {self.deployment_name}: squeue failed: {output.strip()}")
+                    raise WorkflowExecutionException(
+                        f"deployment {self.deployment_name}: squeue failed: {output.strip()}"
+                    )
                 self._active = set(output.split()) if returncode == 0 else set()
                 self._polled_at = time.monotonic()
             return set(self._active)
@@ -250,11 +239,28 @@ class XfflFacilityConnector(SSHConnector):
     async def _exit_code(self, location: ExecutionLocation, job_id: str) -> int:
         output, returncode = await self._shell(location, ["scontrol", "show", "-o", "job", job_id])
         if returncode != 0 or "ExitCode=" not in output:
-            output, returncode = await self._shell(location, ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State,ExitCode", "|", "sed", "'s/^\\([^|]*\\)|/JobState=\\1 ExitCode=/'"])
+            output, returncode = await self._shell(
+                location,
+                [
+                    "sacct",
+                    "-n",
+                    "-P",
+                    "-X",
+                    "-j",
+                    job_id,
+                    "-o",
+                    "State,ExitCode",
+                    "|",
+                    "sed",
+                    "'s/^\\([^|]*\\)|/JobState=\\1 ExitCode=/'",
+                ],
+            )
         state = re.search(r"JobState=(\S+)", output)
         code = re.search(r"ExitCode=(\d+):(\d+)", output)
         if code is None:
-            raise WorkflowExecutionException(f"deployment {self.deployment_name}: cannot read the exit code of SLURM job {job_id}: {output.strip()[:200]}")
+            raise WorkflowExecutionException(
+                f"deployment {self.deployment_name}: cannot read the exit code of SLURM job {job_id}: {output.strip()[:200]}"
+            )
         exit_code, signal = int(code[1]), int(code[2])
         job_state = state[1] if state else "UNKNOWN"
         if exit_code == 0 and (signal or job_state.split()[0] in FAILED_STATES):
@@ -269,7 +275,7 @@ class XfflFacilityConnector(SSHConnector):
                 logger.info(f"Cancelled SLURM jobs {', '.join(job_ids)} on {self.deployment_name}")
 
     async def undeploy(self, external: bool) -> None:
-        """Cancel what is still queued or running (StreamFlow's own SLURM connector leaves it behind)."""
+        """Cancel what is still queued or running, then close the connections."""
         if self._jobs:
             by_location: dict[str, tuple[ExecutionLocation, list[str]]] = {}
             for job_id, location in self._jobs.items():

@@ -5,8 +5,9 @@ from __future__ import annotations
 from streamflow.ext.plugin import StreamFlowPlugin
 
 from streamflow_plugins.xffl_facility.connector import XfflFacilityConnector
+from xffl_cwl.contract.layout import FACILITY_CONNECTOR
 
 
 class XfflPlugin(StreamFlowPlugin):
     def register(self) -> None:
-        self.register_connector("xffl-facility", XfflFacilityConnector)
+        self.register_connector(FACILITY_CONNECTOR, XfflFacilityConnector)

@@ -8,7 +8,13 @@ import click
 
 
 @click.command("demo")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("xffl-demo"), show_default=True, help="Folder for assets, federation.yml and the run.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("xffl-demo"),
+    show_default=True,
+    help="Folder for assets, federation.yml and the run.",
+)
 @click.option("--facilities", type=int, default=3, show_default=True)
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="Local training steps per round.")
@@ -21,4 +27,6 @@ def demo_command(workdir: Path, facilities: int, rounds: int, steps: int, timeou
     say = lambda text: click.echo(f"xffl-cwl: {text}", err=True)  # noqa: E731
     result = run_demo(workdir, facilities, rounds, steps, say=say, timeout=timeout)
     report(result, workdir / "run")
-    click.echo(f"edit {workdir / 'federation.yml'}, then: xffl-cwl generate {workdir / 'federation.yml'} -o {workdir / 'run'} --force && xffl-cwl run {workdir / 'run'}")
+    click.echo(
+        f"edit {workdir / 'federation.yml'}, then: xffl-cwl generate {workdir / 'federation.yml'} -o {workdir / 'run'} --force && xffl-cwl run {workdir / 'run'}"
+    )

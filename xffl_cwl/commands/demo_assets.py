@@ -16,7 +16,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_assets_command(out: Path, facilities: int, samples: int, test_samples: int, preset: str, seed: int) -> None:
     """Write model/, data/<facility>/ and data/test.jsonl under --out."""
-    from xffl_cwl.demo_assets import facility_names, make_demo_assets
+    from xffl_cwl.learning.demo_assets import facility_names, make_demo_assets
 
     assets = make_demo_assets(out, facility_names(facilities), samples, test_samples, preset, seed)
     for name, task in assets.tasks.items():

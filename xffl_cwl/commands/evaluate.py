@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from xffl_cwl.commands.options import settings_from, settings_options
+from xffl_cwl.contract.options import DEVICES, EvaluateOptions
 
 _path = click.Path(path_type=Path)
 
@@ -16,19 +18,20 @@ _path = click.Path(path_type=Path)
 @click.option("--history", type=_path, help="History so far (JSONL); its lines are copied to --out first.")
 @click.option("--out", required=True, type=_path, help="History file to write: --history plus one line.")
 @click.option("--round", "round_", type=int, help="Round number (default: from aggregate.json, else 0).")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def evaluate_command(**opts) -> None:
+@settings_options(EvaluateOptions)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+def evaluate_command(
+    model: Path, dataset: Path | None, history: Path | None, out: Path, round_: int | None, device: str, **settings
+) -> None:
     """Record one round: the model's held-out loss and the aggregator's per-facility summary."""
-    from xffl_cwl.history import append_history, round_record
+    from xffl_cwl.contract.records import Event
+    from xffl_cwl.learning.history import append_history, round_record
 
     evaluation = None
-    if opts["dataset"] is not None:
-        from xffl_cwl.evaluation import evaluate_model_dir
+    if dataset is not None:
+        from xffl_cwl.learning.evaluation import evaluate_model_dir
 
-        evaluation = evaluate_model_dir(opts["model"], opts["dataset"], opts["seq_len"], opts["batch_size"], opts["device"], "fp32", opts["text_field"])
-    record = round_record(opts["model"], evaluation, opts["round_"])
-    append_history(opts["history"], opts["out"], record)
-    click.echo(json.dumps({"round": record["round"], "eval_loss": record["eval_loss"]}))
+        evaluation = evaluate_model_dir(model, dataset, settings_from(EvaluateOptions, settings), device)
+    record = round_record(model, evaluation, round_)
+    append_history(history, out, record)
+    click.echo(Event("evaluated", round=record.round, eval_loss=record.eval_loss).line())

@@ -13,13 +13,13 @@ import click
 @click.option("--no-runners", is_flag=True, help="Skip `cwltool --validate` and `streamflow run --validate`.")
 def validate_command(run_dir: Path, no_runners: bool) -> None:
     """Check bindings against the workflow's steps, then ask cwltool and StreamFlow."""
-    from xffl_cwl.run_folder import check_bindings, read_run_folder, step_paths
+    from xffl_cwl.execution.run_folder import check_bindings, read_run_folder, step_paths
 
     folder = read_run_folder(run_dir)
     paths = step_paths(folder.main)
     problems = check_bindings(folder, paths)
     if not problems and not no_runners:
-        from xffl_cwl.execution.commands import cwltool_validate, streamflow_validate
+        from xffl_cwl.execution.runners import cwltool_validate, streamflow_validate
 
         problems = [p for p in (cwltool_validate(folder.main), streamflow_validate(folder.root)) if p]
     for problem in problems:

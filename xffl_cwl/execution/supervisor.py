@@ -9,7 +9,6 @@ and the log to read.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -19,15 +18,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from xffl_cwl.contract.layout import (
+    BASELINE_STEP,
+    FACILITY_CONNECTOR,
+    HISTORY_JSONL,
+    OUT_DIR,
+    STREAMFLOW_LOG,
+    STREAMFLOW_YML,
+    TOOL_LOGS,
+    tool_of_step,
+)
+from xffl_cwl.contract.records import RecordError, RoundRecord
 from xffl_cwl.errors import InputError
-from xffl_cwl.execution.commands import default_sigint, executable, runner_env
-from xffl_cwl.execution.streamflow_log import Event, LogParser
-from xffl_cwl.run_folder import RunFolder, read_run_folder
-
-LOG_NAME = "streamflow.log"
-TOOL_LOGS = {"train": "train.log", "aggregate": "aggregate.log", "evaluate": "evaluate.log", "baseline": "evaluate.log"}
+from xffl_cwl.execution.run_folder import RunFolder, read_job_order, read_run_folder
+from xffl_cwl.execution.runners import default_sigint, executable, runner_env
+from xffl_cwl.execution.streamflow_log import LogEvent, LogParser
 
 
 @dataclass
@@ -36,7 +42,7 @@ class RunResult:
     outdir: Path
     log: Path
     seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     failure: str | None = None
 
 
@@ -53,52 +59,59 @@ class _Progress:
     def round_label(self, round_number: int | None) -> str:
         return f"round {round_number}/{self.last_round}" if round_number is not None else "round ?"
 
-    def round_of(self, event: Event) -> int | None:
-        if isinstance(event.data.get("round"), int):
-            return event.data["round"]
+    def round_of(self, event: LogEvent) -> int | None:
+        if event.summary is not None and event.summary.round is not None:
+            return event.summary.round
         return None if event.iteration is None else self.first_round + event.iteration
 
-    def handle(self, event: Event) -> None:
-        if event.kind == "started" and event.step and "/train_" in event.step:
+    def handle(self, event: LogEvent) -> None:
+        e = event.summary
+        if event.kind == "started" and event.step and tool_of_step(event.step) == "train":
             where = self.folder.deployment_of(event.step)
             self.say(f"{self.round_label(self.round_of(event))}: training started at {where}")
-        elif event.kind == "trained":
-            d = event.data
-            loss, held = d.get("train_loss") or {}, d.get("eval_loss") or {}
-            held_text = f", held-out {held['before']:.3f} -> {held['after']:.3f}" if held.get("after") is not None else ""
-            self.say(f"{self.round_label(d.get('round'))}: {d['facility']} finished {d.get('steps')} steps, train loss {loss.get('first', float('nan')):.3f} -> {loss.get('last', float('nan')):.3f}{held_text}")
-        elif event.kind == "aggregated":
-            d = event.data
-            rejected = d.get("rejected") or []
-            extra = f", rejected {', '.join(r['facility'] + ' (' + r['reason'] + ')' for r in rejected)}" if rejected else ""
-            self.say(f"{self.round_label(d.get('round'))}: aggregated with {d.get('strategy')}, {d.get('samples')} samples, update norm {d.get('update_norm', 0):.3f}{extra}")
-        elif event.kind == "evaluated":
-            d = event.data
-            label = "baseline" if d.get("round") == self.first_round - 1 else self.round_label(d.get("round"))
-            loss = d.get("eval_loss")
-            self.say(f"{label}: global held-out loss {loss:.4f}" if loss is not None else f"{label}: recorded")
+        elif event.kind == "trained" and e is not None:
+            loss = e.train_loss
+            held = e.held_out
+            held_text = (
+                f", held-out {_num(held.before)} -> {_num(held.after)}" if held and held.after is not None else ""
+            )
+            losses = f"train loss {_num(loss.first)} -> {_num(loss.last)}" if loss else "train loss ?"
+            self.say(
+                f"{self.round_label(e.round)}: {e.facility or '?'} finished {_num(e.steps, 'd')} steps, {losses}{held_text}"
+            )
+        elif event.kind == "aggregated" and e is not None:
+            extra = f", rejected {', '.join(f'{r.facility} ({r.reason})' for r in e.rejected)}" if e.rejected else ""
+            self.say(
+                f"{self.round_label(e.round)}: aggregated with {e.strategy or '?'}, {_num(e.samples, 'd')} samples, "
+                f"update norm {_num(e.update_norm)}{extra}"
+            )
+        elif event.kind == "evaluated" and e is not None:
+            label = "baseline" if e.round == self.first_round - 1 else self.round_label(e.round)
+            self.say(
+                f"{label}: global held-out loss {e.eval_loss:.4f}" if e.eval_loss is not None else f"{label}: recorded"
+            )
         elif event.kind == "failed" and self.failure is None and event.job:
             self.failure = self.describe_failure(event)
             self.say(f"FAILED: {self.failure}")
 
-    def describe_failure(self, event: Event) -> str:
+    def describe_failure(self, event: LogEvent) -> str:
         step = event.step or "?"
         name = step.rsplit("/", 1)[-1]
-        tool = "train" if name.startswith("train_") else name
+        tool = tool_of_step(step)
         where = self.folder.deployment_of(step) or "?"
         round_number = self.round_of(event)
         who = f"facility {where}" if tool == "train" else f"step {name} (on {where})"
-        when = "" if round_number is None or tool == "baseline" else f" in {self.round_label(round_number)}"
+        when = "" if round_number is None or name == BASELINE_STEP else f" in {self.round_label(round_number)}"
         log_hint, last_line = self._tool_log(event, tool, where)
         reason = f": {last_line}" if last_line else ""
         return f"{who} failed{when}{reason}; read {log_hint}"
 
-    def _tool_log(self, event: Event, tool: str, deployment: str) -> tuple[str, str | None]:
+    def _tool_log(self, event: LogEvent, tool: str, deployment: str) -> tuple[str, str | None]:
         log_name = TOOL_LOGS.get(tool)
         if event.directory is None or log_name is None:
-            return str(self.folder.root / LOG_NAME), None
+            return str(self.folder.root / STREAMFLOW_LOG), None
         path = Path(event.directory) / log_name
-        if (self.folder.deployments.get(deployment) or {}).get("type") == "xffl-facility":
+        if (self.folder.deployments.get(deployment) or {}).get("type") == FACILITY_CONNECTOR:
             return f"{deployment}:{path}", self._remote_last_line(deployment, str(path))
         try:
             lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -106,15 +119,15 @@ class _Progress:
             return str(path), None
         return str(path), (lines[-1][:300] if lines else None)
 
-
     def _remote_last_line(self, deployment: str, path: str) -> str | None:
         """The facility's copy of the log is the only one: read its last line over SSH."""
         import asyncio
 
-        from xffl_cwl.preflight import remote_tail
+        from xffl_cwl.contract.facility import FacilityConfig
+        from xffl_cwl.facility.preflight import remote_tail
 
-        config = (self.folder.deployments.get(deployment) or {}).get("config") or {}
         try:
+            config = FacilityConfig.from_streamflow((self.folder.deployments.get(deployment) or {}).get("config") or {})
             text = asyncio.run(asyncio.wait_for(remote_tail(config, self.folder.root, path, 1), 20))
         except Exception:  # the failure report must not fail: without the line, the path is still named
             return None
@@ -123,21 +136,23 @@ class _Progress:
 
 def preflight(folder: RunFolder) -> None:
     """Every facility reachable and ready, or one line per problem and exit code 2, before StreamFlow starts."""
-    from xffl_cwl.preflight import run_checks
-    from xffl_cwl.run_folder import preflight_targets
+    from xffl_cwl.execution.run_folder import facility_targets
+    from xffl_cwl.facility.preflight import run_checks
 
-    targets = preflight_targets(folder)
+    targets = facility_targets(folder)
     if not any(t.kind == "slurm" for t in targets):
         return
     failed = [c for c in run_checks(targets) if c.ok is False]
     if failed:
-        raise InputError("; ".join(f"facility {c.facility}: {c.what}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed))
+        raise InputError(
+            "; ".join(
+                f"facility {c.facility}: {c.what}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in failed
+            )
+        )
 
 
 def _read_inputs(folder: RunFolder) -> tuple[int, int]:
-    from ruamel.yaml import YAML
-
-    order = YAML(typ="safe", pure=True).load(folder.settings.read_text(encoding="utf-8")) or {}
+    order = read_job_order(folder)
     rounds = order.get("rounds")
     if not isinstance(rounds, int) or rounds < 1:
         raise InputError(f"{folder.settings}: rounds must be an integer of at least 1, got {rounds!r}")
@@ -181,11 +196,13 @@ def run(
     first_round, last_round = _read_inputs(folder)
     if check:
         preflight(folder)
-    outdir = Path(outdir).resolve() if outdir else root / "out"
+    outdir = Path(outdir).resolve() if outdir else root / OUT_DIR
     if outdir.exists() and any(outdir.iterdir()):
         raise InputError(f"output folder {outdir} already holds an earlier run's results; remove it or pass --outdir")
-    log_path = root / LOG_NAME
-    command = [executable("streamflow"), "run", "streamflow.yml", "--outdir", str(outdir)] + (["--debug"] if debug else [])
+    log_path = root / STREAMFLOW_LOG
+    command = [executable("streamflow"), "run", STREAMFLOW_YML, "--outdir", str(outdir)] + (
+        ["--debug"] if debug else []
+    )
     progress = _Progress(folder, first_round, last_round, say)
     parser = LogParser()
     started = time.monotonic()
@@ -203,7 +220,10 @@ def run(
             start_new_session=True,
             preexec_fn=default_sigint,
         )
-        pumps = [threading.Thread(target=_pump, args=(s, lines, t), daemon=True) for s, t in ((proc.stdout, "out"), (proc.stderr, "err"))]
+        pumps = [
+            threading.Thread(target=_pump, args=(s, lines, t), daemon=True)
+            for s, t in ((proc.stdout, "out"), (proc.stderr, "err"))
+        ]
         for pump in pumps:
             pump.start()
         open_streams, stop_at, stopped = 2, None, False
@@ -238,26 +258,45 @@ def run(
                 open_streams = 0  # grandchildren may hold the pipes; we no longer wait for them
         proc.wait()
     seconds = time.monotonic() - started
-    history_file = outdir / "history.jsonl"
+    history_file = outdir / HISTORY_JSONL
     if progress.failure is None and proc.returncode == 0 and history_file.is_file():
-        history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-        return RunResult(True, outdir, log_path, seconds, history)
-    failure = progress.failure or f"StreamFlow exited with code {proc.returncode}{': ' + last_error[:300] if last_error else ''}; read {log_path}"
+        return RunResult(True, outdir, log_path, seconds, read_history(history_file))
+    failure = (
+        progress.failure
+        or f"StreamFlow exited with code {proc.returncode}{': ' + last_error[:300] if last_error else ''}; read {log_path}"
+    )
     return RunResult(False, outdir, log_path, seconds, failure=failure)
 
 
-def history_table(history: list[dict[str, Any]]) -> str:
+def read_history(path: Path) -> list[RoundRecord]:
+    """The rounds of a history file; lines that are not rounds are left out."""
+    import json
+
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(RoundRecord.from_json(json.loads(line)))
+        except (ValueError, RecordError):
+            continue
+    return records
+
+
+def _num(value: float | int | None, spec: str = ".3f") -> str:
+    """A number for a progress line; `?` for a value a record did not have (or had malformed)."""
+    return "?" if value is None else format(value, spec)
+
+
+def history_table(history: list[RoundRecord]) -> str:
     """Rounds down, facilities across (their last train loss), then the global held-out loss."""
-    facilities = sorted({name for record in history for name in (record.get("facilities") or {})})
+    facilities = sorted({name for record in history for name in record.facilities})
     header = ["round", *facilities, "global held-out loss"]
     rows = []
     for record in history:
-        cells = [str(record.get("round"))]
+        cells = [str(record.round)]
         for name in facilities:
-            loss = ((record.get("facilities") or {}).get(name) or {}).get("train_loss")
-            cells.append("-" if loss is None else f"{loss:.4f}")
-        loss = record.get("eval_loss")
-        cells.append("-" if loss is None else f"{loss:.4f}")
+            info = record.facilities.get(name)
+            cells.append("-" if info is None or info.train_loss is None else f"{info.train_loss:.4f}")
+        cells.append("-" if record.eval_loss is None else f"{record.eval_loss:.4f}")
         rows.append(cells)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731

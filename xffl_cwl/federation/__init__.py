@@ -1,22 +1,14 @@
 """federation.yml: the one file a user writes, parsed into typed, validated objects."""
 
 from xffl_cwl.federation.load import load_federation, parse_federation
-from xffl_cwl.federation.spec import (
-    AggregationSettings,
-    Deployment,
-    FacilitySpec,
-    FederationSpec,
-    LocalDeployment,
-    TrainingSettings,
-)
+from xffl_cwl.federation.spec import Deployment, FacilitySpec, FederationSpec, LocalDeployment, SlurmDeployment
 
 __all__ = [
-    "AggregationSettings",
     "Deployment",
     "FacilitySpec",
     "FederationSpec",
     "LocalDeployment",
-    "TrainingSettings",
+    "SlurmDeployment",
     "load_federation",
     "parse_federation",
 ]

@@ -13,7 +13,18 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-DOCUMENT_ORDER = ("cwlVersion", "class", "label", "doc", "$namespaces", "requirements", "hints", "inputs", "outputs", "steps")
+DOCUMENT_ORDER = (
+    "cwlVersion",
+    "class",
+    "label",
+    "doc",
+    "$namespaces",
+    "requirements",
+    "hints",
+    "inputs",
+    "outputs",
+    "steps",
+)
 PARAMETER_ORDER = ("type", "label", "doc", "default", "outputSource", "linkMerge", "pickValue")
 STEP_ORDER = ("label", "doc", "run", "in", "out", "requirements", "hints", "when")
 STEP_INPUT_ORDER = ("source", "linkMerge", "pickValue", "default", "valueFrom")

@@ -7,15 +7,32 @@ block; the aggregate step lists every update as a source (no JavaScript merge st
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import cwl_utils.parser.cwl_v1_2 as cwl
 
-from xffl_cwl.federation.spec import AggregationSettings, FacilitySpec, FederationSpec, TrainingSettings
+from xffl_cwl.contract.layout import (
+    AGGREGATE_STEP,
+    BASELINE_STEP,
+    DATASET_INPUT_PREFIX,
+    EVALUATE_STEP,
+    LOOP_STEP,
+    ROUND_CWL,
+    TOOLS_DIR,
+    dataset_input_id,
+    train_step_id,
+)
+from xffl_cwl.contract.options import AggregateOptions, TrainOptions, tool_params, tool_values
+from xffl_cwl.contract.params import Param
+from xffl_cwl.contract.strategies import STRATEGIES
+from xffl_cwl.facility.templates import load_template, nvidia_gpus
+from xffl_cwl.federation.spec import FacilitySpec, FederationSpec, LocalDeployment
 
 CWLTOOL_NAMESPACE = "http://commonwl.org/cwltool#"
 TRAIN_OUTPUTS = ["update", "metrics", "log"]
 CUDA_HINT = {"class": "cwltool:CUDARequirement", "cudaVersionMin": "11.8", "cudaComputeCapability": "7.0"}
+STRATEGY_SETTINGS = frozenset(setting for s in STRATEGIES.values() for setting in s.uses)
 
 
 def loading_options() -> cwl.LoadingOptions:
@@ -25,46 +42,44 @@ def loading_options() -> cwl.LoadingOptions:
     return cwl.LoadingOptions(fetcher=DefaultFetcher({}, None), namespaces={"cwltool": CWLTOOL_NAMESPACE})
 
 
-def train_step_id(facility: str) -> str:
-    return f"train_{facility}"
+def _cwl_value(p: Param, value: Any) -> Any:
+    """A setting as its CWL input takes it: lists and pairs are comma-separated strings."""
+    return ",".join(str(v) for v in value) if p.kind in ("names", "pair") else value
 
 
-def dataset_input_id(facility: str) -> str:
-    return f"dataset_{facility}"
+def _spelled_out(table: tuple[Param, ...], values: dict[str, Any], applies) -> dict[str, Any]:
+    """The settings a step writes: those marked `always`, and the others when not the tool's default."""
+    return {
+        p.name: _cwl_value(p, values[p.name])
+        for p in table
+        if applies(p) and (p.always or values[p.name] != p.default) and values[p.name] is not None
+    }
 
 
-def _training_defaults(t: TrainingSettings) -> dict[str, Any]:
-    """The settings a train step spells out: the main ones always, the rest when not the tool's default."""
-    values: dict[str, Any] = {"mode": t.mode}
-    if t.epochs is not None:
-        values["epochs"] = t.epochs
-    else:
-        values["local_steps"] = t.local_steps
-    values |= {"batch_size": t.batch_size, "lr": t.lr, "seq_len": t.seq_len, "seed": t.seed, "precision": t.precision}
-    tool_defaults = TrainingSettings()
-    for key in ("grad_accum", "warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction", "text_field"):
-        if getattr(t, key) != getattr(tool_defaults, key):
-            values[key] = getattr(t, key)
-    if t.mode == "lora":
-        values |= {"lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_targets": ",".join(t.lora.targets)}
-        if t.lora.dropout:
-            values["lora_dropout"] = t.lora.dropout
-    return values
+def _training_defaults(t: TrainOptions) -> dict[str, Any]:
+    return _spelled_out(
+        tool_params(TrainOptions), tool_values(t), lambda p: t.mode == "lora" or not p.name.startswith("lora_")
+    )
 
 
-def _aggregation_defaults(a: AggregationSettings, mode: str) -> dict[str, Any]:
-    values: dict[str, Any] = {"strategy": a.strategy, "min_updates": a.min_updates}
-    if a.server_lr is not None:
-        values["server_lr"] = a.server_lr
-    if a.strategy in ("fedavgm", "nesterov"):
-        values["momentum"] = a.momentum
-    if a.strategy in ("fedadam", "fedyogi"):
-        values |= {"betas": f"{a.betas[0]},{a.betas[1]}", "tau": a.tau}
-    if mode == "lora":
-        values["lora_merge"] = a.lora_merge
-    if a.weighting != "samples":
-        values["weighting"] = a.weighting
-    return values
+def _aggregation_defaults(a: AggregateOptions, mode: str) -> dict[str, Any]:
+    used = STRATEGIES[a.strategy].uses
+
+    def applies(p: Param) -> bool:
+        if p.name in STRATEGY_SETTINGS:
+            return p.name in used
+        return mode == "lora" or p.name != "lora_merge"
+
+    return _spelled_out(tool_params(AggregateOptions), tool_values(a), applies)
+
+
+def nvidia_gpus_of(facility: FacilitySpec) -> int:
+    """The NVIDIA GPUs a facility's train job gets: declared for a local one, from the template for SLURM."""
+    deployment = facility.deployment
+    if isinstance(deployment, LocalDeployment):
+        return deployment.gpus
+    template = load_template(deployment.facility.template, Path("."))
+    return nvidia_gpus(template, deployment.facility.sbatch)
 
 
 def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowStep:
@@ -74,12 +89,16 @@ def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowS
         cwl.WorkflowStepInput(id="facility", default=facility.name, loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
     ]
-    inputs += [cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo) for k, v in _training_defaults(facility.training).items()]
-    hints = [dict(CUDA_HINT, cudaDeviceCountMin=facility.deployment.gpus)] if facility.deployment.gpus else None
+    inputs += [
+        cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo)
+        for k, v in _training_defaults(facility.training).items()
+    ]
+    gpus = nvidia_gpus_of(facility)
+    hints = [dict(CUDA_HINT, cudaDeviceCountMin=gpus)] if gpus else None
     return cwl.WorkflowStep(
         id=train_step_id(facility.name),
         label=f"Local training at {facility.name}",
-        run="tools/train.cwl",
+        run=f"{TOOLS_DIR}/train.cwl",
         in_=inputs,
         out=TRAIN_OUTPUTS,
         hints=hints,
@@ -90,7 +109,9 @@ def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowS
 def build_round(spec: FederationSpec) -> cwl.Workflow:
     lo = loading_options()
     facility_inputs = [
-        cwl.WorkflowInputParameter(id=dataset_input_id(f.name), type_=["File", "Directory"], label=f"Dataset of {f.name}", loadingOptions=lo)
+        cwl.WorkflowInputParameter(
+            id=dataset_input_id(f.name), type_=["File", "Directory"], label=f"Dataset of {f.name}", loadingOptions=lo
+        )
         for f in spec.facilities
     ]
     aggregate_inputs = [
@@ -103,9 +124,12 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
         ),
         cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
-    ] + [cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo) for k, v in _aggregation_defaults(spec.aggregation, spec.training.mode).items()]
+    ] + [
+        cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo)
+        for k, v in _aggregation_defaults(spec.aggregation, spec.training.mode).items()
+    ]
     evaluate_inputs = [
-        cwl.WorkflowStepInput(id="model", source="aggregate/model", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="model", source=f"{AGGREGATE_STEP}/model", loadingOptions=lo),
         cwl.WorkflowStepInput(id="dataset", source="test_set", loadingOptions=lo),
         cwl.WorkflowStepInput(id="previous_history", source="history", loadingOptions=lo),
         cwl.WorkflowStepInput(id="seq_len", default=spec.training.seq_len, loadingOptions=lo),
@@ -123,22 +147,48 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
         ),
         requirements=[cwl.MultipleInputFeatureRequirement(loadingOptions=lo)],
         inputs=[
-            cwl.WorkflowInputParameter(id="model", type_="Directory", label="Global model of this round", loadingOptions=lo),
-            cwl.WorkflowInputParameter(id="state", type_=["null", "Directory"], label="Server-optimizer state", loadingOptions=lo),
+            cwl.WorkflowInputParameter(
+                id="model", type_="Directory", label="Global model of this round", loadingOptions=lo
+            ),
+            cwl.WorkflowInputParameter(
+                id="state", type_=["null", "Directory"], label="Server-optimizer state", loadingOptions=lo
+            ),
             cwl.WorkflowInputParameter(id="round", type_="int", label="Round number", loadingOptions=lo),
             cwl.WorkflowInputParameter(id="history", type_="File", label="History so far", loadingOptions=lo),
-            cwl.WorkflowInputParameter(id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo),
+            cwl.WorkflowInputParameter(
+                id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo
+            ),
             *facility_inputs,
         ],
         outputs=[
-            cwl.WorkflowOutputParameter(id="new_model", type_="Directory", outputSource="aggregate/model", loadingOptions=lo),
-            cwl.WorkflowOutputParameter(id="new_state", type_=["null", "Directory"], outputSource="aggregate/state", loadingOptions=lo),
-            cwl.WorkflowOutputParameter(id="new_history", type_="File", outputSource="evaluate/history", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(
+                id="new_model", type_="Directory", outputSource=f"{AGGREGATE_STEP}/model", loadingOptions=lo
+            ),
+            cwl.WorkflowOutputParameter(
+                id="new_state", type_=["null", "Directory"], outputSource=f"{AGGREGATE_STEP}/state", loadingOptions=lo
+            ),
+            cwl.WorkflowOutputParameter(
+                id="new_history", type_="File", outputSource=f"{EVALUATE_STEP}/history", loadingOptions=lo
+            ),
         ],
         steps=[
             *(_train_step(f, lo) for f in spec.facilities),
-            cwl.WorkflowStep(id="aggregate", label="Merge the updates", run="tools/aggregate.cwl", in_=aggregate_inputs, out=["model", "state", "metrics", "log"], loadingOptions=lo),
-            cwl.WorkflowStep(id="evaluate", label="Record the round", run="tools/evaluate.cwl", in_=evaluate_inputs, out=["history", "log"], loadingOptions=lo),
+            cwl.WorkflowStep(
+                id=AGGREGATE_STEP,
+                label="Merge the updates",
+                run=f"{TOOLS_DIR}/aggregate.cwl",
+                in_=aggregate_inputs,
+                out=["model", "state", "metrics", "log"],
+                loadingOptions=lo,
+            ),
+            cwl.WorkflowStep(
+                id=EVALUATE_STEP,
+                label="Record the round",
+                run=f"{TOOLS_DIR}/evaluate.cwl",
+                in_=evaluate_inputs,
+                out=["history", "log"],
+                loadingOptions=lo,
+            ),
         ],
         loadingOptions=lo,
     )
@@ -163,7 +213,7 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="first_round", loadingOptions=lo),
         cwl.WorkflowStepInput(id="rounds", source="rounds", loadingOptions=lo),
-        cwl.WorkflowStepInput(id="history", source="baseline/history", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="history", source=f"{BASELINE_STEP}/history", loadingOptions=lo),
         cwl.WorkflowStepInput(id="test_set", source="test_set", loadingOptions=lo),
         *(cwl.WorkflowStepInput(id=d, source=d, loadingOptions=lo) for d in datasets),
     ]
@@ -191,22 +241,56 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         inputs=[
             cwl.WorkflowInputParameter(id="model", type_="Directory", label="Initial global model", loadingOptions=lo),
             cwl.WorkflowInputParameter(id="rounds", type_="int", label="Number of the last round", loadingOptions=lo),
-            cwl.WorkflowInputParameter(id="first_round", type_="int", default=1, label="Number of the first round (above 1 to resume)", loadingOptions=lo),
-            cwl.WorkflowInputParameter(id="state", type_=["null", "Directory"], label="Server-optimizer state to resume from", loadingOptions=lo),
-            cwl.WorkflowInputParameter(id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo),
-            *(cwl.WorkflowInputParameter(id=d, type_=["File", "Directory"], label=f"Dataset of {d[len('dataset_'):]}", loadingOptions=lo) for d in datasets),
+            cwl.WorkflowInputParameter(
+                id="first_round",
+                type_="int",
+                default=1,
+                label="Number of the first round (above 1 to resume)",
+                loadingOptions=lo,
+            ),
+            cwl.WorkflowInputParameter(
+                id="state",
+                type_=["null", "Directory"],
+                label="Server-optimizer state to resume from",
+                loadingOptions=lo,
+            ),
+            cwl.WorkflowInputParameter(
+                id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo
+            ),
+            *(
+                cwl.WorkflowInputParameter(
+                    id=d,
+                    type_=["File", "Directory"],
+                    label=f"Dataset of {d[len(DATASET_INPUT_PREFIX) :]}",
+                    loadingOptions=lo,
+                )
+                for d in datasets
+            ),
         ],
         outputs=[
-            cwl.WorkflowOutputParameter(id="final_model", type_="Directory", outputSource="federation/new_model", loadingOptions=lo),
-            cwl.WorkflowOutputParameter(id="final_state", type_=["null", "Directory"], outputSource="federation/new_state", loadingOptions=lo),
-            cwl.WorkflowOutputParameter(id="history", type_="File", outputSource="federation/new_history", loadingOptions=lo),
+            cwl.WorkflowOutputParameter(
+                id="final_model", type_="Directory", outputSource=f"{LOOP_STEP}/new_model", loadingOptions=lo
+            ),
+            cwl.WorkflowOutputParameter(
+                id="final_state", type_=["null", "Directory"], outputSource=f"{LOOP_STEP}/new_state", loadingOptions=lo
+            ),
+            cwl.WorkflowOutputParameter(
+                id="history", type_="File", outputSource=f"{LOOP_STEP}/new_history", loadingOptions=lo
+            ),
         ],
         steps=[
-            cwl.WorkflowStep(id="baseline", label="Record the initial model", run="tools/evaluate.cwl", in_=baseline_inputs, out=["history"], loadingOptions=lo),
             cwl.WorkflowStep(
-                id="federation",
+                id=BASELINE_STEP,
+                label="Record the initial model",
+                run=f"{TOOLS_DIR}/evaluate.cwl",
+                in_=baseline_inputs,
+                out=["history"],
+                loadingOptions=lo,
+            ),
+            cwl.WorkflowStep(
+                id=LOOP_STEP,
                 label="The federated rounds",
-                run="round.cwl",
+                run=ROUND_CWL,
                 in_=federation_inputs,
                 out=["new_model", "new_state", "new_history"],
                 requirements=[loop],

@@ -1,0 +1,6 @@
+#!/bin/bash
+#SBATCH --partition={{ partition }}
+{% for line in setup %}
+{{ line }}
+{% endfor %}
+{{ streamflow_command }}

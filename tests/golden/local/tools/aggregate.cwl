@@ -1,0 +1,120 @@
+#!/usr/bin/env cwl-runner
+cwlVersion: v1.2
+class: CommandLineTool
+label: xffl-cwl aggregate
+doc: |
+  Validates the facilities' updates (names, shapes, dtypes, finite values, base fingerprint,
+  round) and streams the next global model to disk in bounded memory. FedAvg or a FedOpt server
+  optimizer (fedavgm, fedadam, fedyogi, nesterov) whose state is carried from round to round.
+  LoRA updates are merged exactly (mean of B_i A_i into the base weights) or FedIT-style.
+baseCommand: [xffl-cwl, aggregate]
+arguments:
+  - {prefix: --out, valueFrom: model}
+  - {prefix: --state-out, valueFrom: state}
+requirements:
+  EnvVarRequirement:
+    envDef:
+      HF_HUB_OFFLINE: "1"
+      XDG_CACHE_HOME: $(runtime.tmpdir)/cache
+  NetworkAccess:
+    networkAccess: false
+hints:
+  DockerRequirement:
+    dockerPull: ghcr.io/xffl-cwl/aggregator:0.1.0
+  ResourceRequirement:
+    coresMin: 1
+    ramMin: 1024
+stderr: aggregate.log
+inputs:
+  global_model:
+    type: Directory
+    label: Current global model
+    doc: The model every update was trained from.
+    inputBinding: {prefix: --global}
+  updates:
+    type:
+      type: array
+      items: Directory
+      inputBinding: {prefix: --update}
+    label: Updates
+    doc: One update directory per facility (xffl-cwl train outputs).
+    inputBinding: {position: 1}
+  state:
+    type: Directory?
+    label: Server-optimizer state
+    doc: The state output of the previous round; none in the first round.
+    inputBinding: {prefix: --state}
+  round:
+    type: int?
+    label: Round number
+    doc: Updates for any other round are rejected.
+    inputBinding: {prefix: --round}
+  strategy:
+    type:
+      type: enum
+      symbols: [fedavg, fedavgm, fedadam, fedyogi, nesterov]
+    default: fedavg
+    label: Strategy
+    doc: Server optimizer.
+    inputBinding: {prefix: --strategy}
+  server_lr:
+    type: float?
+    label: Server learning rate
+    doc: Default fedavg/fedavgm 1.0, fedadam/fedyogi 0.01, nesterov 0.7.
+    inputBinding: {prefix: --server-lr}
+  momentum:
+    type: float?
+    label: Server momentum
+    doc: fedavgm and nesterov (default 0.9).
+    inputBinding: {prefix: --momentum}
+  betas:
+    type: string?
+    label: Adam betas
+    doc: fedadam and fedyogi, as "b1,b2" (default 0.9,0.99).
+    inputBinding: {prefix: --betas}
+  tau:
+    type: float?
+    label: Adaptivity
+    doc: fedadam and fedyogi (default 1e-3).
+    inputBinding: {prefix: --tau}
+  min_updates:
+    type: int?
+    label: Minimum valid updates
+    doc: Fewer valid updates fail the step (default 1).
+    inputBinding: {prefix: --min-updates}
+  lora_merge:
+    type:
+      type: enum
+      symbols: [exact, fedit]
+    default: exact
+    label: LoRA merge
+    doc: exact (mean of B_i A_i merged into the base) or fedit (average A and B); used for LoRA updates only.
+    inputBinding: {prefix: --lora-merge}
+  weighting:
+    type:
+      type: enum
+      symbols: [samples, tokens, uniform]
+    default: samples
+    label: Weighting
+    doc: How updates are weighted.
+    inputBinding: {prefix: --weighting}
+outputs:
+  model:
+    type: Directory
+    label: Next global model
+    doc: A Hugging Face model directory with aggregate.json.
+    outputBinding: {glob: model}
+  state:
+    type: Directory?
+    label: Server-optimizer state
+    doc: Present for stateful strategies; pass it to the next round.
+    outputBinding: {glob: state}
+  metrics:
+    type: File
+    label: Aggregation metrics
+    doc: aggregate.json of the new model.
+    outputBinding: {glob: model/aggregate.json}
+  log:
+    type: File
+    label: Aggregation log
+    outputBinding: {glob: aggregate.log}

@@ -1,0 +1,167 @@
+#!/usr/bin/env cwl-runner
+cwlVersion: v1.2
+class: CommandLineTool
+label: xffl-cwl train
+doc: |
+  One facility's local round of federated fine-tuning: loads the global model (a Hugging Face
+  causal-LM directory) offline, trains it on the facility's data and writes the update: full
+  weights in the global model's exact layout (--mode full) or a PEFT adapter (--mode lora), with
+  update.json (samples, tokens, losses, timings, fingerprint of the global model).
+
+  GPUs: add `cwltool:CUDARequirement` as a hint on the *step* that runs this tool where the
+  facility has GPUs (the generated round.cwl does so for GPU facilities). It is not a hint of the
+  tool itself because cwltool treats that hint as mandatory and fails on CPU-only machines.
+$namespaces:
+  cwltool: http://commonwl.org/cwltool#
+baseCommand: [xffl-cwl, train]
+arguments:
+  - {prefix: --out, valueFrom: update}
+  - --no-progress
+requirements:
+  EnvVarRequirement:
+    envDef:
+      HF_HUB_OFFLINE: "1"
+      TRANSFORMERS_OFFLINE: "1"
+      HF_DATASETS_OFFLINE: "1"
+      HF_HOME: $(runtime.tmpdir)/hf-home
+      XDG_CACHE_HOME: $(runtime.tmpdir)/cache
+      TOKENIZERS_PARALLELISM: "false"
+  NetworkAccess:
+    networkAccess: false
+hints:
+  DockerRequirement:
+    dockerPull: ghcr.io/xffl-cwl/client:0.1.0
+  ResourceRequirement:
+    coresMin: 1
+    ramMin: 2048
+stderr: train.log
+inputs:
+  model:
+    type: Directory
+    label: Global model
+    doc: Hugging Face causal-LM directory (config, tokenizer, safetensors); a FedIT model also holds adapter/.
+    inputBinding: {prefix: --model}
+  dataset:
+    type: [File, Directory]
+    label: Local dataset
+    doc: A datasets.save_to_disk directory, a JSONL or text file, or a folder of them.
+    inputBinding: {prefix: --dataset}
+  facility:
+    type: string
+    label: Facility name
+    doc: Recorded in update.json; the aggregator names rejected updates by it.
+    inputBinding: {prefix: --facility}
+  round:
+    type: int
+    label: Round number
+    doc: The federated round this update belongs to (1 for the first).
+    inputBinding: {prefix: --round}
+  local_steps:
+    type: int?
+    label: Local optimizer steps
+    doc: Steps this round; default one epoch. Exclusive with epochs.
+    inputBinding: {prefix: --local-steps}
+  epochs:
+    type: float?
+    label: Local epochs
+    doc: Epochs over the local data instead of local_steps.
+    inputBinding: {prefix: --epochs}
+  batch_size:
+    type: int?
+    label: Micro-batch size
+    doc: Sequences per micro-batch (default 8).
+    inputBinding: {prefix: --batch-size}
+  grad_accum:
+    type: int?
+    label: Gradient accumulation
+    doc: Micro-batches per optimizer step (default 1).
+    inputBinding: {prefix: --grad-accum}
+  lr:
+    type: float?
+    label: Learning rate
+    doc: Peak AdamW learning rate (default 1e-4).
+    inputBinding: {prefix: --lr}
+  warmup_steps:
+    type: int?
+    label: Warm-up steps
+    doc: Linear warm-up before cosine decay (default 10% of the steps).
+    inputBinding: {prefix: --warmup-steps}
+  weight_decay:
+    type: float?
+    label: Weight decay
+    doc: AdamW weight decay (default 0).
+    inputBinding: {prefix: --weight-decay}
+  max_grad_norm:
+    type: float?
+    label: Gradient clipping norm
+    doc: Global gradient norm limit (default 1.0).
+    inputBinding: {prefix: --max-grad-norm}
+  seq_len:
+    type: int?
+    label: Sequence length
+    doc: Tokens per training sequence (default 512).
+    inputBinding: {prefix: --seq-len}
+  seed:
+    type: int?
+    label: Seed
+    doc: Seeds the held-out split and, with the round and facility, the data order (default 0).
+    inputBinding: {prefix: --seed}
+  mode:
+    type:
+      type: enum
+      symbols: [full, lora]
+    default: full
+    label: Fine-tuning mode
+    doc: full (all weights) or lora (a PEFT adapter).
+    inputBinding: {prefix: --mode}
+  lora_r:
+    type: int?
+    label: LoRA rank
+    inputBinding: {prefix: --lora-r}
+  lora_alpha:
+    type: float?
+    label: LoRA alpha
+    inputBinding: {prefix: --lora-alpha}
+  lora_targets:
+    type: string?
+    label: LoRA target modules
+    doc: Comma-separated module names, e.g. q_proj,v_proj.
+    inputBinding: {prefix: --lora-targets}
+  lora_dropout:
+    type: float?
+    label: LoRA dropout
+    inputBinding: {prefix: --lora-dropout}
+  precision:
+    type:
+      type: enum
+      symbols: [fp32, bf16]
+    default: fp32
+    label: Training precision
+    doc: fp32, or bf16 mixed precision with fp32 master weights.
+    inputBinding: {prefix: --precision}
+  eval_fraction:
+    type: float?
+    label: Held-out share
+    doc: Share of the local data held out for the before/after loss (default 0.1).
+    inputBinding: {prefix: --eval-fraction}
+  text_field:
+    type: string?
+    label: Text field
+    doc: Column or JSON key holding the text (default text).
+    inputBinding: {prefix: --text-field}
+outputs:
+  update:
+    type: Directory
+    label: Update
+    doc: Full weights (model directory) or a PEFT adapter, with update.json.
+    outputBinding: {glob: update}
+  metrics:
+    type: File
+    label: Update metrics
+    doc: update.json of the update.
+    outputBinding: {glob: update/update.json}
+  log:
+    type: File
+    label: Training log
+    doc: The trainer's stderr.
+    outputBinding: {glob: train.log}

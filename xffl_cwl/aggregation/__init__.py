@@ -1,5 +1,0 @@
-"""Merging client updates into the next global model, in bounded memory."""
-
-from xffl_cwl.aggregation.aggregate import AggregateConfig, aggregate
-
-__all__ = ["AggregateConfig", "aggregate"]

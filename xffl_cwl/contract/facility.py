@@ -1,0 +1,165 @@
+"""An HPC facility's settings, as federation.yml gives them and as the `xffl-facility` StreamFlow
+deployment takes them: the generator writes them into streamflow.yml, the plugin reads them back,
+the run-folder reader hands them to preflight. The camelCase spelling of streamflow.yml exists
+only in `to_streamflow` / `from_streamflow`; its JSON schema is held to these fields by a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# sbatch's own names for the options a facility may set
+SBATCH_FLAGS: dict[str, str] = {
+    "account": "--account",
+    "partition": "--partition",
+    "qos": "--qos",
+    "time": "--time",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "cpus_per_task": "--cpus-per-task",
+    "mem": "--mem",
+    "constraint": "--constraint",
+    "reservation": "--reservation",
+    "job_name": "--job-name",
+}
+CONTAINER_RUNTIMES = ("apptainer", "singularity", "none")
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+@dataclass(frozen=True)
+class SbatchOptions:
+    """sbatch options set explicitly for a facility; unset ones take the template's defaults."""
+
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    job_name: str | None = None
+    extra: tuple[str, ...] = ()
+
+    def set_values(self) -> dict[str, Any]:
+        """The options that were set, in declaration order (extra excluded)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extra" and getattr(self, f.name) is not None
+        }
+
+    def flags(self) -> list[str]:
+        """Command-line flags for what was set: they win over the template's #SBATCH lines."""
+        return [f"{SBATCH_FLAGS[k]}={v}" for k, v in self.set_values().items()] + list(self.extra)
+
+    def to_streamflow(self) -> dict[str, Any]:
+        out: dict[str, Any] = {camel(k): v for k, v in self.set_values().items()}
+        if self.extra:
+            out["extra"] = list(self.extra)
+        return out
+
+    @classmethod
+    def from_streamflow(cls, data: dict[str, Any] | None) -> SbatchOptions:
+        data = dict(data or {})
+        extra = tuple(data.pop("extra", ()) or ())
+        names = {camel(f.name): f.name for f in fields(cls)}
+        return cls(**{names[k]: v for k, v in data.items() if k in names}, extra=extra)
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """How a facility's jobs run their command: a runtime (None: the template's), an image, options, binds."""
+
+    runtime: str | None = None
+    image: str | None = None
+    options: tuple[str, ...] | None = None  # None: the template's options
+    bind: tuple[str, ...] = ()
+
+    def to_streamflow(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.runtime is not None:
+            out["runtime"] = self.runtime
+        if self.image is not None:
+            out["image"] = self.image
+        if self.options is not None:
+            out["options"] = list(self.options)
+        if self.bind:
+            out["bind"] = list(self.bind)
+        return out
+
+    @classmethod
+    def from_streamflow(cls, data: dict[str, Any] | None) -> ContainerSettings:
+        data = data or {}
+        options = data.get("options")
+        return cls(
+            data.get("runtime"),
+            data.get("image"),
+            None if options is None else tuple(options),
+            tuple(data.get("bind") or ()),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FacilityConfig:
+    """One `xffl-facility` deployment: SSH to the login node, every job a SLURM batch job."""
+
+    host: str
+    port: int = 22
+    username: str
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    check_host_key: bool = True
+    ssh_key_passphrase_file: str | None = None
+    password_file: str | None = None
+    template: str = "generic"
+    sbatch: SbatchOptions = field(default_factory=SbatchOptions)
+    container: ContainerSettings = field(default_factory=ContainerSettings)
+    setup: tuple[str, ...] = ()
+    max_concurrent_jobs: int = 4
+    polling_interval: float = 5.0
+    connect_timeout: int = 30
+    retries: int = 3
+    retry_delay: int = 5
+    max_concurrent_sessions: int = 10
+    transfer_buffer_size: int = 2**16
+
+    # Written to streamflow.yml even at their default, so a reader sees how the facility is polled.
+    ALWAYS_WRITTEN = ("host", "port", "username", "template", "max_concurrent_jobs", "polling_interval")
+
+    def to_streamflow(self) -> dict[str, Any]:
+        """The deployment's `config:` in streamflow.yml: set values, in a fixed order."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, SbatchOptions | ContainerSettings):
+                value = value.to_streamflow()
+                if value:
+                    out[camel(f.name)] = value
+            elif f.name in self.ALWAYS_WRITTEN or value != f.default:
+                out[camel(f.name)] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_streamflow(cls, data: dict[str, Any]) -> FacilityConfig:
+        names = {camel(f.name): f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = names.get(key)
+            if name is None:
+                raise ValueError(f"unknown xffl-facility setting {key!r}")
+            if name == "sbatch":
+                value = SbatchOptions.from_streamflow(value)
+            elif name == "container":
+                value = ContainerSettings.from_streamflow(value)
+            elif name == "setup":
+                value = tuple(value or ())
+            values[name] = value
+        return cls(**values)

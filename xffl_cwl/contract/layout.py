@@ -1,0 +1,71 @@
+"""The names a run folder and the tools agree on: files, steps, inputs, deployments, records.
+
+The generator writes them, the run-folder reader, preflight and the supervisor look for them, the
+tools write the records; nothing else spells them.
+"""
+
+from __future__ import annotations
+
+# The run folder
+MAIN_CWL = "main.cwl"
+ROUND_CWL = "round.cwl"
+INPUTS_YML = "inputs.yml"
+STREAMFLOW_YML = "streamflow.yml"
+TOOLS_DIR = "tools"
+TOOLS = ("train.cwl", "aggregate.cwl", "evaluate.cwl")
+CUSTOM_TEMPLATES_DIR = "slurm"  # facilities' own SLURM templates, copied in
+WORK_DIR = "work"  # work/<deployment>/: each local deployment's working directory
+OUT_DIR = "out"  # the final outputs of `xffl-cwl run`
+TMP_DIR = "tmp"  # the runners' $TMPDIR
+STREAMFLOW_LOG = "streamflow.log"
+DATABASE = ".streamflow/sqlite.db"
+
+# Inside the workflows
+AGGREGATOR = "aggregator"  # the deployment of the aggregate, evaluate and baseline steps
+BASELINE_STEP = "baseline"
+LOOP_STEP = "federation"
+AGGREGATE_STEP = "aggregate"
+EVALUATE_STEP = "evaluate"
+TRAIN_STEP_PREFIX = "train_"
+DATASET_INPUT_PREFIX = "dataset_"
+
+# The StreamFlow plugin's deployment type
+FACILITY_CONNECTOR = "xffl-facility"
+
+# What the tools write
+UPDATE_JSON = "update.json"
+AGGREGATE_JSON = "aggregate.json"
+HISTORY_JSONL = "history.jsonl"
+STATE_DIR = "state"
+TOOL_LOGS = {"train": "train.log", "aggregate": "aggregate.log", "evaluate": "evaluate.log"}
+
+
+def train_step_id(facility: str) -> str:
+    return TRAIN_STEP_PREFIX + facility
+
+
+def dataset_input_id(facility: str) -> str:
+    return DATASET_INPUT_PREFIX + facility
+
+
+def local_workdir(deployment: str) -> str:
+    """A local deployment's working directory, relative to the run folder so the folder can move."""
+    return f"{WORK_DIR}/{deployment}"
+
+
+def custom_template_path(facility: str) -> str:
+    """Where a facility's own SLURM template is copied inside the run folder."""
+    return f"{CUSTOM_TEMPLATES_DIR}/{facility}.sh"
+
+
+def step_path(*steps: str) -> str:
+    """StreamFlow's name of a (nested) step: /federation/train_lumi."""
+    return "/" + "/".join(steps)
+
+
+def tool_of_step(step: str) -> str:
+    """Which tool a step path runs: train, aggregate or evaluate (the baseline evaluates)."""
+    name = step.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith(TRAIN_STEP_PREFIX):
+        return "train"
+    return "evaluate" if name == BASELINE_STEP else name

@@ -1,0 +1,78 @@
+"""Write the planned outputs chunk by chunk: the next global model and the server-optimizer state.
+
+Each output file's header is laid out before any data is read; every tensor is processed in row
+chunks, the strategy steps each chunk with that chunk's state, and both are appended in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from xffl_cwl.learning.aggregation.plans import Norms, OutputShard
+from xffl_cwl.learning.aggregation.server_state import ServerState
+from xffl_cwl.learning.aggregation.strategies import ServerOptimizer
+from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, TensorSpec, row_chunks
+
+
+def stream(
+    shards: list[OutputShard],
+    out: Path,
+    state_dir: Path | None,
+    strategy: ServerOptimizer,
+    old_state: ServerState,
+    reader: TensorReader,
+    chunk_elems: int,
+    norms: Norms,
+) -> tuple[dict[str, str], list[str], int]:
+    """Write every output tensor and the new optimizer state; returns digests, state tensor names, bytes written."""
+    stepped = [p for s in shards for p in s.plans if p.target is not None]
+    names = [p.spec.name for p in stepped]
+    stepped_names = set(names)
+    carried = [n for n in old_state.names() if n not in stepped_names]
+    slots = strategy.info.slots
+    slot_writers: dict[str, ShardWriter] = {}
+    if state_dir is not None:
+        specs = [TensorSpec(p.spec.name, "F32", p.spec.shape) for p in stepped]
+        specs += [TensorSpec(n, "F32", old_state.slots[slots[0]].by_name[n].shape) for n in carried]
+        slot_writers = {slot: ShardWriter(state_dir / f"{slot}.safetensors", specs) for slot in slots}
+    digests: dict[str, str] = {}
+    written = 0
+    for shard in shards:
+        (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(out / shard.relpath, [p.spec for p in shard.plans], shard.metadata)
+        for plan in shard.plans:
+            for start, count in row_chunks(plan.spec.shape, chunk_elems):
+                stored = reader.read(plan.current, start, count) if plan.current is not None else None
+                if plan.target is None:
+                    writer.write(plan.spec.name, stored)
+                    continue
+                current = stored.float() if stored is not None else None
+                mean = plan.target(start, count, current)
+                state = {slot: _state_chunk(old_state, slot, plan.spec.name, start, count, reader) for slot in slots}
+                new = strategy.step(current if current is not None else mean, mean, state)
+                if current is not None:
+                    norms.update += float(torch.sum((new - current) ** 2))
+                writer.write(plan.spec.name, new.to(plan.spec.torch_dtype))
+                for slot, slot_writer in slot_writers.items():
+                    slot_writer.write(plan.spec.name, state[slot])
+        digests[shard.relpath] = writer.close()
+        written += writer.bytes_written
+    for slot, slot_writer in slot_writers.items():
+        for name in carried:
+            entry = old_state.slots[slot].by_name[name]
+            for start, count in row_chunks(entry.shape, chunk_elems):
+                slot_writer.write(name, reader.read(entry, start, count))
+        slot_writer.close()
+        written += slot_writer.bytes_written
+    return digests, names + carried, written
+
+
+def _state_chunk(
+    state: ServerState, slot: str, name: str, start: int, count: int, reader: TensorReader
+) -> torch.Tensor:
+    """The previous round's slot values for these elements; zeros for a tensor seen for the first time."""
+    ckpt = state.slots.get(slot)
+    entry = ckpt.by_name.get(name) if ckpt is not None else None
+    return reader.read(entry, start, count) if entry is not None else torch.zeros(count, dtype=torch.float32)
