@@ -40,11 +40,9 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {{ line }}
 {% endfor %}
 
-{% set runtime = container_runtime %}
-{% if runtime == 'none' %}
-bash <<'XFFL_EOF'
-{% else %}
-{{ runtime }} exec {{ container_options }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
-{% endif %}
+# The job's command is a file StreamFlow's command was written to; streamflow_command runs it.
+{% if container_runtime == 'none' %}
 {{ streamflow_command }}
-XFFL_EOF
+{% else %}
+{{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
+{% endif %}

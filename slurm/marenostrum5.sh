@@ -40,11 +40,9 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {{ line }}
 {% endfor %}
 
-{% set runtime = container_runtime %}
-{% if runtime == 'none' %}
-srun --ntasks=1 bash <<'XFFL_EOF'
+# The job's command is a file StreamFlow's command was written to; streamflow_command runs it.
+{% if container_runtime == 'none' %}
+srun --ntasks=1 {{ streamflow_command }}
 {% else %}
-srun --ntasks=1 {{ runtime }} exec {{ container_options }} {{ container_binds }} "{{ container_image }}" bash <<'XFFL_EOF'
+srun --ntasks=1 {{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
 {% endif %}
-{{ streamflow_command }}
-XFFL_EOF

@@ -194,4 +194,6 @@ def run_aggregate(
     from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
 
     options = from_tool_values(AggregateOptions, settings)
-    return aggregate(AggregateConfig(global_dir, updates, out, options, state, state_out, round, chunk_elems)).to_json()
+    # The workflow names each update after its facility; here the test's update.json says which it is.
+    named = [f"{json.loads((Path(u) / 'update.json').read_text())['facility']}={u}" for u in updates]
+    return aggregate(AggregateConfig(global_dir, named, out, options, state, state_out, round, chunk_elems)).to_json()

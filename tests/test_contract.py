@@ -23,7 +23,7 @@ from xffl_cwl.contract.strategies import STRATEGIES
 
 TOOLS = {
     "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round"}),
-    "aggregate.cwl": (AggregateOptions, {"global_model", "updates", "state", "round"}),
+    "aggregate.cwl": (AggregateOptions, {"global_model", "updates", "state", "round", "max_weights", "weights"}),
     "evaluate.cwl": (EvaluateOptions, {"model", "dataset", "previous_history", "round"}),
 }
 CWL_TYPES = {"int": "int?", "float": "float?", "str": "string?", "names": "string?", "pair": "string?"}

@@ -72,7 +72,7 @@ def test_three_rounds_two_facilities(demo_assets, tmp_path):
             "--min-updates",
             2,
         ]
-        args += [a for f in FACILITIES for a in ("--update", tmp_path / f"r{rnd}-{f}")]
+        args += [a for f in FACILITIES for a in ("--update", f"{f}={tmp_path / f'r{rnd}-{f}'}")]
         if state is not None:
             args += ["--state", state]
         run_cli(*args, check=True)

@@ -79,7 +79,7 @@ def test_add_a_third_facility_by_hand(edited_run):
     assert "training started at meluxina" in proc.stderr
     history = [json.loads(line) for line in (run / "out" / "history.jsonl").read_text().splitlines()]
     assert set(history[-1]["facilities"]) == {"leonardo", "lumi", new}
-    assert list((run / "work" / new).glob("*/update/update.json"))
+    assert list((run / "work" / new).glob(f"*/{new}/update.json"))
 
 
 def test_resume_from_the_last_round_as_the_readme_says(edited_run):

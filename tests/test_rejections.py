@@ -22,7 +22,7 @@ def _base() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def world(tmp_path):
     gdir = write_global(tmp_path / "global", _base())
-    good = write_update(tmp_path / "good", "leonardo", {k: v + 0.1 for k, v in _base().items()}, fingerprint(gdir))
+    good = write_update(tmp_path / "leonardo", "leonardo", {k: v + 0.1 for k, v in _base().items()}, fingerprint(gdir))
     return tmp_path, gdir, good
 
 
@@ -37,7 +37,7 @@ def _bad_update(tmp_path, gdir, name="lumi", **changes) -> object:
     for drop in changes.pop("drop", []):
         tensors.pop(drop)
     fp = changes.pop("fp", fingerprint(gdir))
-    return write_update(tmp_path / f"bad-{name}", name, tensors, fp, **changes)
+    return write_update(tmp_path / "bad" / name, name, tensors, fp, **changes)
 
 
 CASES = {
@@ -72,7 +72,7 @@ def test_bad_update_is_rejected_with_facility_and_tensor(world, case):
     changes, expected = CASES[case]
     if case == "wrong kind":
         bad = write_update(
-            tmp_path / "bad-lumi",
+            tmp_path / "bad" / "lumi",
             "lumi",
             {
                 "base_model.model.layer.lora_A.weight": torch.zeros(2, 3),
@@ -80,7 +80,7 @@ def test_bad_update_is_rejected_with_facility_and_tensor(world, case):
             },
             fingerprint(gdir),
             mode="lora",
-            adapter_config={"r": 2, "lora_alpha": 4},
+            adapter_config={"peft_type": "LORA", "r": 2, "lora_alpha": 4},
         )
         expected = "it is a lora update, the others are full"
     else:
@@ -134,7 +134,7 @@ def test_truncated_update_is_rejected(world):
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     code, err = _invoke("aggregate", "--global", gdir, "--update", bad, "--out", tmp_path / "o")
-    assert code == 2 and "karolina: " in err and "offsets that do not match" in err
+    assert code == 2 and "karolina: " in err and "data_offsets cover 64 bytes of data but the file holds 56" in err
     assert not (tmp_path / "o").exists()
 
 

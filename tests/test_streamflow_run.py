@@ -37,7 +37,7 @@ def test_each_facility_trained_in_its_own_workdir(demo):
     workdir, _ = demo
     work = workdir / "run" / "work"
     for facility in ("leonardo", "lumi"):
-        updates = sorted(work.joinpath(facility).glob("*/update/update.json"))
+        updates = sorted(work.joinpath(facility).glob(f"*/{facility}/update.json"))
         assert len(updates) == 2, facility
         assert {json.loads(u.read_text())["facility"] for u in updates} == {facility}
         assert {json.loads(u.read_text())["round"] for u in updates} == {1, 2}

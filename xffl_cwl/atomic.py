@@ -1,4 +1,8 @@
-"""Outputs appear whole or not at all: write beside the target, then rename."""
+"""Outputs appear whole or not at all: write beside the target, make it durable, then rename.
+
+If the process is stopped (an error, Ctrl-C, SIGTERM from scancel or a timeout: the CLI turns it into
+SystemExit) the temporary sibling is removed; a crash leaves only a dot-named temporary folder.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,22 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
         raise InputError(f"{option} {path} already exists and is not empty; choose a new path or remove it")
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and folder under `root`, and `root` itself, on stable storage."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, option: str = "--out") -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it to `path` only if the block succeeds."""
@@ -27,9 +47,11 @@ def atomic_dir(path: Path, option: str = "--out") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.exists():
             path.rmdir()  # empty, checked above
         os.rename(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -43,7 +65,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -48,7 +49,13 @@ for command in COMMANDS:
     cli.add_command(command)
 
 
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM (scancel, a runner's timeout, a supervisor) unwinds like Ctrl-C: temporary outputs are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="xffl-cwl")
 
 

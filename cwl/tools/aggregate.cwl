@@ -3,8 +3,9 @@ cwlVersion: v1.2
 class: CommandLineTool
 label: xffl-cwl aggregate
 doc: |
-  Validates the facilities' updates (names, shapes, dtypes, finite values, base fingerprint,
-  round) and streams the next global model to disk in bounded memory. FedAvg or a FedOpt server
+  Validates the facilities' updates (untrusted: sizes, file types, headers, names, shapes, dtypes,
+  finite values, base fingerprint, round, identity) and streams the next global model to disk in
+  bounded memory; a bad update is left out, never the round. FedAvg or a FedOpt server
   optimizer (fedavgm, fedadam, fedyogi, nesterov) whose state is carried from round to round.
   LoRA updates are merged exactly (mean of B_i A_i into the base weights) or FedIT-style.
 baseCommand: [xffl-cwl, aggregate]
@@ -37,8 +38,30 @@ inputs:
       items: Directory
       inputBinding: {prefix: --update}
     label: Updates
-    doc: One update directory per facility (xffl-cwl train outputs).
+    doc: |
+      One update directory per facility, named after it (xffl-cwl train's outputs are); every byte
+      of them is untrusted and checked before it is used.
     inputBinding: {position: 1}
+  max_weights:
+    type:
+      type: array
+      items: string
+      inputBinding: {prefix: --max-weight}
+    default: []
+    label: Weight caps
+    doc: |
+      NAME=N per facility: the most samples (or tokens) it may count, from the workflow's settings
+      (local steps x batch size x accumulation), never from the update itself.
+    inputBinding: {position: 2}
+  weights:
+    type:
+      type: array
+      items: string
+      inputBinding: {prefix: --weight}
+    default: []
+    label: Fixed weights
+    doc: NAME=W per facility, set in federation.yml; when given, every merged facility needs one.
+    inputBinding: {position: 3}
   state:
     type: Directory?
     label: Server-optimizer state
@@ -98,6 +121,24 @@ inputs:
     label: Weighting
     doc: How updates are weighted.
     inputBinding: {prefix: --weighting}
+  merge:
+    type:
+      type: enum
+      symbols: [mean, trimmed_mean, median]
+    default: mean
+    label: Combination rule
+    doc: mean (weighted), or the coordinate-wise median or trimmed_mean (unweighted), which one member with absurd values cannot drag away.
+    inputBinding: {prefix: --merge}
+  trim:
+    type: float?
+    label: Trimmed share
+    doc: "trimmed_mean: share of the members dropped at each end, at least one when three or more (default 0.2)."
+    inputBinding: {prefix: --trim}
+  norm_clip:
+    type: float?
+    label: Norm clipping
+    doc: "Scale down every update whose change is larger (L2) than norm_clip times the round's median change; unset: no clipping."
+    inputBinding: {prefix: --norm-clip}
 outputs:
   model:
     type: Directory

@@ -37,7 +37,7 @@ from streamflow.core.scheduling import AvailableLocation
 from streamflow.deployment.connector.ssh import SSHConnector, SSHContext
 from streamflow.log_handler import logger
 
-from xffl_cwl.contract.facility import FacilityConfig
+from xffl_cwl.contract.facility import FacilityConfig, facility_problems
 from xffl_cwl.facility.ssh import Login, connect_options, explain
 from xffl_cwl.facility.templates import TemplateError, effective_runtime, job_variables, load_template
 
@@ -77,6 +77,8 @@ class XfflFacilityConnector(SSHConnector):
             facility = FacilityConfig.from_streamflow(config)
         except (TypeError, ValueError) as exc:
             raise fail(str(exc)) from exc
+        for key, problem in facility_problems(facility):
+            raise fail(f"{key}: {problem}")
         login = Login.of(facility, config_dir)
         problem = login.missing_file()
         if problem is not None:
@@ -166,9 +168,10 @@ class XfflFacilityConnector(SSHConnector):
         job_command = utils.create_command(
             self.__class__.__name__, command, environment, workdir, stdin, stdout, stderr
         )
-        script = self.template.render(job_command, self.variables)
         job_dir = workdir or "."
-        job_id = await self._submit(location, script, job_name, job_dir, timeout)
+        command_file = f"{job_dir}/.xffl-job-{_slurm_job_name(job_name)}.sh"
+        script = self.job_script(command_file)
+        job_id = await self._submit(location, script, job_command, command_file, job_name, job_dir, timeout)
         try:
             await self._wait(location, job_id)
         except asyncio.CancelledError:
@@ -184,10 +187,21 @@ class XfflFacilityConnector(SSHConnector):
             )
         return output.strip(), returncode
 
-    async def _submit(
-        self, location: ExecutionLocation, script: str, job_name: str, job_dir: str, timeout: int | None
-    ) -> str:
+    def job_script(self, command_file: str) -> str:
+        """The batch script of a job whose command is in `command_file`.
+
+        The command travels as a file, never inside the batch script: no value can close a quote or a
+        here-document around it, and the template only ever runs `bash FILE` (inside its container).
+        """
+        return self.template.render(f"bash {shlex.quote(command_file)}", self.variables)
+
+    def submission(
+        self, script: str, job_command: str, command_file: str, job_name: str, job_dir: str, timeout: int | None
+    ) -> list[str]:
+        """The login-node shell command that writes the command file and submits the script: only
+        base64 text and shell-quoted words, so no part of either can act on the login node."""
         encoded = base64.b64encode(script.encode()).decode()
+        encoded_command = base64.b64encode(job_command.encode()).decode()
         options = [
             "--parsable",
             f"--chdir={job_dir}",
@@ -199,7 +213,23 @@ class XfflFacilityConnector(SSHConnector):
             options.append(f"--job-name={_slurm_job_name(job_name)}")
         if timeout:
             options.append(f"--time={utils.format_seconds_to_hhmmss(timeout)}")
-        command = ["echo", encoded, "|", "base64", "-d", "|", "sbatch", *map(shlex.quote, options)]
+        return [
+            *("mkdir", "-p", shlex.quote(job_dir), "&&"),
+            *("echo", encoded_command, "|", "base64", "-d", ">", shlex.quote(command_file), "&&"),
+            *("echo", encoded, "|", "base64", "-d", "|", "sbatch", *map(shlex.quote, options)),
+        ]
+
+    async def _submit(
+        self,
+        location: ExecutionLocation,
+        script: str,
+        job_command: str,
+        command_file: str,
+        job_name: str,
+        job_dir: str,
+        timeout: int | None,
+    ) -> str:
+        command = self.submission(script, job_command, command_file, job_name, job_dir, timeout)
         output, returncode = await self._shell(location, command)
         if returncode != 0:
             raise WorkflowExecutionException(

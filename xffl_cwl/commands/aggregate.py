@@ -8,23 +8,49 @@ import click
 
 from xffl_cwl.commands.options import settings_from, settings_options
 from xffl_cwl.contract.options import AggregateOptions
+from xffl_cwl.errors import InputError
 
 _dir = click.Path(path_type=Path)
 
 
+def named_numbers(flag: str, values: tuple[str, ...]) -> dict[str, float]:
+    """`NAME=NUMBER` pairs of a repeated option."""
+    out: dict[str, float] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        try:
+            out[name] = float(number) if sep and name else float("nan")
+        except ValueError:
+            out[name] = float("nan")
+        if not sep or not name or not 0 < out[name] < float("inf"):
+            raise InputError(f"{flag} {value!r:.80}: give NAME=NUMBER with a positive finite number")
+    return out
+
+
 @click.command("aggregate")
 @click.option("--global", "global_dir", required=True, type=_dir, help="Current global model directory.")
-@click.option("--update", "updates", multiple=True, type=_dir, help="An update directory (repeat for each facility).")
+@click.option(
+    "--update",
+    "updates",
+    multiple=True,
+    help="NAME=DIR: the update of facility NAME (repeat per facility); a bare DIR is named by its folder's name.",
+)
 @click.option("--out", required=True, type=_dir, help="Next global model directory to create (must not exist).")
 @settings_options(AggregateOptions)
+@click.option("--max-weight", multiple=True, help="NAME=N: facility NAME counts at most N samples (or tokens).")
+@click.option(
+    "--weight", "weights", multiple=True, help="NAME=W: fixed relative weights, instead of samples or tokens."
+)
 @click.option("--state", type=_dir, help="Server-optimizer state directory of the previous round.")
 @click.option("--state-out", type=_dir, help="Where to write the new state (default: OUT/state).")
 @click.option("--round", "round_", type=int, help="Round being aggregated; updates for other rounds are rejected.")
 @click.option("--chunk-mb", type=float, default=4.0, show_default=True, help="Working chunk size (bounds memory).")
 def aggregate_command(
     global_dir: Path,
-    updates: tuple[Path, ...],
+    updates: tuple[str, ...],
     out: Path,
+    max_weight: tuple[str, ...],
+    weights: tuple[str, ...],
     state: Path | None,
     state_out: Path | None,
     round_: int | None,
@@ -36,15 +62,30 @@ def aggregate_command(
     from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
 
     options = settings_from(AggregateOptions, settings)
+    if not 0.001 <= chunk_mb <= 4096:  # also refuses NaN
+        raise InputError(f"--chunk-mb must be between 0.001 and 4096, got {chunk_mb}")
+    if round_ is not None and round_ < 0:
+        raise InputError(f"--round must be 0 or more, got {round_}")
     chunk_elems = max(1, int(chunk_mb * 1024 * 1024 / 4))
-    r = aggregate(AggregateConfig(global_dir, list(updates), out, options, state, state_out, round_, chunk_elems))
-    click.echo(
-        Event(
-            "aggregated",
-            round=r.round,
-            strategy=r.strategy,
-            samples=r.samples,
-            update_norm=r.update_norm,
-            rejected=r.rejected,
-        ).line()
+    cfg = AggregateConfig(
+        global_dir,
+        list(updates),
+        out,
+        options,
+        state,
+        state_out,
+        round_,
+        chunk_elems,
+        named_numbers("--max-weight", max_weight),
+        named_numbers("--weight", weights),
     )
+    r = aggregate(cfg)
+    event = Event(
+        "aggregated",
+        round=r.round,
+        strategy=r.strategy,
+        samples=r.samples,
+        update_norm=r.update_norm,
+        rejected=r.rejected,
+    )
+    click.echo(event.line())

@@ -6,6 +6,7 @@ only in `to_streamflow` / `from_streamflow`; its JSON schema is held to these fi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,6 +25,23 @@ SBATCH_FLAGS: dict[str, str] = {
     "job_name": "--job-name",
 }
 CONTAINER_RUNTIMES = ("apptainer", "singularity", "none")
+
+# What may reach a job script unquoted: #SBATCH lines and sbatch flags are not shell, but a newline or a
+# quote there would start a new line or word. Values outside these sets are refused, not escaped.
+CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+SAFE_WORD = re.compile(r"^[A-Za-z0-9_.,:+=@%/-]+$")
+SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:+=@%/&|\[\]*()!-]+$")  # SLURM's feature expressions
+SAFE_TIME = re.compile(r"^[0-9:-]+$")
+SAFE_FLAG = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:+=@%/&|\[\]*()!-]*)?$")
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9_.,+=@%/-]*$")  # facility paths that StreamFlow and jobs use unquoted
+SAFE_HOST = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
+SAFE_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+
+
+def control_character(text: str) -> str | None:
+    """The first control character of a string (a newline, a NUL, ...), shown escaped; None if there is none."""
+    match = CONTROL.search(text)
+    return None if match is None else repr(match[0])
 
 
 def camel(name: str) -> str:
@@ -163,3 +181,47 @@ class FacilityConfig:
                 value = tuple(value or ())
             values[name] = value
         return cls(**values)
+
+
+def _pattern(value: object, pattern: re.Pattern, what: str) -> str | None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        return f"{value!r:.60} is not {what}"
+    return None
+
+
+def facility_problems(config: FacilityConfig, workdir: str | None = None) -> list[tuple[str, str]]:
+    """(setting, problem) for every value that could change a job script's meaning; empty when all are safe.
+
+    Setting names are federation.yml's (sbatch.partition, container.image, ...). `setup` lines are shell
+    on purpose and only refused with control characters; the container image and binds are quoted by
+    the templates, so they only must be printable.
+    """
+    out: list[tuple[str, str]] = []
+
+    def check(key: str, problem: str | None) -> None:
+        if problem:
+            out.append((key, problem))
+
+    check("host", _pattern(config.host, SAFE_HOST, "a host name or address"))
+    check("username", _pattern(config.username, SAFE_USER, "a login name (letters, digits, _ . -)"))
+    if workdir is not None:
+        check("workdir", _pattern(workdir, SAFE_PATH, "an absolute path of letters, digits and _ . , + = @ % / -"))
+    for key, value in config.sbatch.set_values().items():
+        if key == "time":
+            check("sbatch.time", _pattern(value, SAFE_TIME, 'a SLURM time such as "01:30:00"'))
+        elif isinstance(value, str):
+            pattern = SAFE_CONSTRAINT if key == "constraint" else SAFE_WORD
+            check(f"sbatch.{key}", _pattern(value, pattern, "a single word of letters, digits and _ . , : + = @ % / -"))
+    for i, flag in enumerate(config.sbatch.extra):
+        check(f"sbatch.extra[{i}]", _pattern(flag, SAFE_FLAG, "an sbatch flag such as --exclusive or --gres=gpu:4"))
+    texts = [("container.image", config.container.image)]
+    texts += [(f"container.options[{i}]", v) for i, v in enumerate(config.container.options or ())]
+    texts += [(f"container.bind[{i}]", v) for i, v in enumerate(config.container.bind)]
+    texts += [(f"setup[{i}]", v) for i, v in enumerate(config.setup)]
+    texts += [("template", config.template)]
+    for key, value in texts:
+        if isinstance(value, str) and (bad := control_character(value)):
+            out.append((key, f"holds the control character {bad}; write it on one line without it"))
+    if config.container.runtime not in (None, *CONTAINER_RUNTIMES):
+        out.append(("container.runtime", f"must be one of {', '.join(CONTAINER_RUNTIMES)}"))
+    return out

@@ -6,6 +6,8 @@ tools write the records; nothing else spells them.
 
 from __future__ import annotations
 
+import re
+
 # The run folder
 MAIN_CWL = "main.cwl"
 ROUND_CWL = "round.cwl"
@@ -38,6 +40,11 @@ AGGREGATE_JSON = "aggregate.json"
 HISTORY_JSONL = "history.jsonl"
 STATE_DIR = "state"
 TOOL_LOGS = {"train": "train.log", "aggregate": "aggregate.log", "evaluate": "evaluate.log"}
+
+
+# A facility's name as the tools take it: it names the update directory (`--out`), so it is a safe
+# file name; the aggregator knows each update by it. (federation.yml's names are stricter still.)
+UPDATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def train_step_id(facility: str) -> str:

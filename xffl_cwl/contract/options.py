@@ -17,6 +17,7 @@ Mode = Literal["full", "lora"]
 Precision = Literal["fp32", "bf16"]
 LoraMerge = Literal["exact", "fedit"]
 Weighting = Literal["samples", "tokens", "uniform"]
+Merge = Literal["mean", "trimmed_mean", "median"]
 DEVICES = ("auto", "cpu", "cuda")  # where a tool runs: auto picks CUDA/ROCm when torch sees a GPU
 
 
@@ -147,6 +148,28 @@ class AggregateOptions:
         always=True,
     )
     weighting: Weighting = setting("samples", "Weighting", "How updates are weighted.")
+    merge: Merge = setting(
+        "mean",
+        "Combination rule",
+        "mean (weighted), or the coordinate-wise median or trimmed_mean (unweighted), which one member with absurd "
+        "values cannot drag away.",
+    )
+    trim: float = setting(
+        0.2,
+        "Trimmed share",
+        "trimmed_mean: share of the members dropped at each end, at least one when three or more (default {default}).",
+        minimum=0.0,
+        maximum=0.5,
+        max_exclusive=True,
+    )
+    norm_clip: float | None = setting(
+        None,
+        "Norm clipping",
+        "Scale down every update whose change is larger (L2) than norm_clip times the round's median change; "
+        "unset: no clipping.",
+        minimum=0,
+        min_exclusive=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Settings are dataclass fields declared with `setting(...)`; `params(cls)` reads 
 from __future__ import annotations
 
 import math
+import reprlib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal
@@ -79,6 +80,8 @@ class Param:
         if self.kind == "str":
             if not isinstance(value, str) or not value:
                 raise ParamError(f"must be a non-empty string, got {shown(value)}")
+            if any(ord(c) < 32 or ord(c) == 127 or c in "\u0085\u2028\u2029" for c in value):
+                raise ParamError(f"must not hold control characters (a newline, a NUL, ...), got {shown(value)}")
             return value
         if self.kind == "names":
             return _names(value)
@@ -121,11 +124,17 @@ class Param:
         return value
 
 
+_REPR = reprlib.Repr()  # Python 3.11 takes the limits as attributes, not arguments
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 50, 50, 40
+
+
 def shown(value: Any, limit: int = 60) -> str:
-    """A value for an error message, never longer than `limit` (a YAML alias bomb is not printed whole)."""
+    """A value for an error message, never longer than `limit`, and never built whole first: a YAML
+    alias bomb (a few lines that expand to billions of items) is shown by its first few."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -186,6 +186,9 @@ class FacilitySummary:
     eval_loss: HeldOut
     wall_seconds: float | None
     delta_norm: float | None
+    basis: float  # what the weight was computed from: declared samples/tokens (capped), 1, or the set weight
+    capped: bool  # the declared count was above what the workflow allows this facility
+    clip: float  # the norm-clipping factor applied to its change (1: unclipped)
 
 
 @dataclass(frozen=True)

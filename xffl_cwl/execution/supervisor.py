@@ -228,34 +228,41 @@ def run(
             pump.start()
         open_streams, stop_at, stopped = 2, None, False
         last_error = ""
-        while open_streams or proc.poll() is None:
-            try:
-                tag, line = lines.get(timeout=0.5)
-            except queue.Empty:
-                tag, line = None, None
-            if tag is not None and line is None:
-                open_streams -= 1
-            elif tag == "out":
-                stdout_text.append(line)
-            elif tag == "err":
-                log.write(line)
-                if raw is not None:
-                    raw(line.rstrip("\n"))
-                for event in parser.feed(line):
-                    if event.kind == "error" and not last_error:
-                        last_error = event.message
-                    progress.handle(event)
-                    if event.kind == "failed" and stop_at is None:
-                        stop_at = time.monotonic() + grace
-            now = time.monotonic()
-            overdue = timeout is not None and now - started > timeout
-            if not stopped and proc.poll() is None and ((stop_at is not None and now > stop_at) or overdue):
-                if overdue and progress.failure is None:
-                    progress.failure = f"the run exceeded --timeout {timeout:.0f} s; read {log_path}"
-                    say(f"FAILED: {progress.failure}")
-                _stop(proc, say)
-                stopped = True
-                open_streams = 0  # grandchildren may hold the pipes; we no longer wait for them
+        try:
+            while open_streams or proc.poll() is None:
+                try:
+                    tag, line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    tag, line = None, None
+                if tag is not None and line is None:
+                    open_streams -= 1
+                elif tag == "out":
+                    stdout_text.append(line)
+                elif tag == "err":
+                    log.write(line)
+                    log.flush()
+                    if raw is not None:
+                        raw(line.rstrip("\n"))
+                    for event in parser.feed(line):
+                        if event.kind == "error" and not last_error:
+                            last_error = event.message
+                        progress.handle(event)
+                        if event.kind == "failed" and stop_at is None:
+                            stop_at = time.monotonic() + grace
+                now = time.monotonic()
+                overdue = timeout is not None and now - started > timeout
+                if not stopped and proc.poll() is None and ((stop_at is not None and now > stop_at) or overdue):
+                    if overdue and progress.failure is None:
+                        progress.failure = f"the run exceeded --timeout {timeout:.0f} s; read {log_path}"
+                        say(f"FAILED: {progress.failure}")
+                    _stop(proc, say)
+                    stopped = True
+                    open_streams = 0  # grandchildren may hold the pipes; we no longer wait for them
+        except BaseException:
+            # Our own failure (a bug, Ctrl-C, SIGTERM) must not leave StreamFlow and its jobs running.
+            if proc.poll() is None:
+                _stop(proc, lambda _text: None)
+            raise
         proc.wait()
     seconds = time.monotonic() - started
     history_file = outdir / HISTORY_JSONL

@@ -27,7 +27,9 @@ class TemplateError(ValueError):
 
 
 def _environment() -> Environment:
-    return Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env = Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = lambda value: shlex.quote(str(value))  # `{{ container_image | q }}`: one shell word
+    return env
 
 
 def _preset_dir():
@@ -110,7 +112,7 @@ def job_variables(sbatch: SbatchOptions, container: ContainerSettings, setup: tu
         "setup": list(setup),
         "container_runtime": container.runtime,
         "container_image": container.image,
-        "container_options": None if container.options is None else " ".join(container.options),
+        "container_options": None if container.options is None else " ".join(shlex.quote(o) for o in container.options),
         "container_binds": " ".join(f"--bind {shlex.quote(str(p))}" for p in container.bind),
     }
     return values

@@ -8,7 +8,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from xffl_cwl.contract.facility import CONTAINER_RUNTIMES, ContainerSettings, FacilityConfig, SbatchOptions
+from xffl_cwl.contract.facility import (
+    CONTAINER_RUNTIMES,
+    SAFE_PATH,
+    ContainerSettings,
+    FacilityConfig,
+    SbatchOptions,
+    control_character,
+    facility_problems,
+)
 from xffl_cwl.contract.layout import AGGREGATOR
 from xffl_cwl.contract.options import AggregateOptions, LoraOptions, TrainOptions
 from xffl_cwl.contract.params import Param, ParamError, params, shown
@@ -82,6 +90,9 @@ def _choice(value: Any, where: _Where, choices: tuple[str, ...]) -> str:
 def _strings(value: Any, where: _Where) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise where.fail("must be a list of strings")
+    for i, v in enumerate(value):
+        if bad := control_character(v):
+            raise (where / i).fail(f"holds the control character {bad}; write it on one line without it")
     return tuple(value)
 
 
@@ -228,11 +239,13 @@ def _slurm(value: Mapping[str, Any], where: _Where, base: Path) -> SlurmDeployme
         retries=_int(section.get("retries", defaults.retries), where / "retries", 1),
         retry_delay=_int(section.get("retry_delay", defaults.retry_delay), where / "retry_delay", 0),
     )
+    for key, problem in facility_problems(facility, workdir):
+        raise _Where(where.source, f"{where.path}.{key}").fail(problem)
     return SlurmDeployment(facility, workdir)
 
 
 def _facility(value: Any, where: _Where, base: Path, training: TrainOptions) -> FacilitySpec:
-    section = _mapping(value, where, ("name", "dataset", "deployment", "training"), ("name", "dataset"))
+    section = _mapping(value, where, ("name", "dataset", "deployment", "training", "weight"), ("name", "dataset"))
     name = _str(section["name"], where / "name")
     if not FACILITY_NAME.fullmatch(name):
         raise (where / "name").fail(
@@ -245,9 +258,14 @@ def _facility(value: Any, where: _Where, base: Path, training: TrainOptions) -> 
     dataset = _str(section["dataset"], where / "dataset")
     if isinstance(deployment, LocalDeployment):
         dataset = str(_existing_path(dataset, where / "dataset", base, "this facility's dataset"))
-    elif not dataset.startswith("/"):
-        raise (where / "dataset").fail(f"must be an absolute path on the facility, got {shown(dataset)}")
-    return FacilitySpec(name, dataset, deployment, _training(section.get("training"), where / "training", training))
+    elif not SAFE_PATH.fullmatch(dataset):
+        raise (where / "dataset").fail(
+            f"must be an absolute path on the facility of letters, digits and _ . , + = @ % / -, got {shown(dataset)}"
+        )
+    weight = None if section.get("weight") is None else _float(section["weight"], where / "weight", positive=True)
+    return FacilitySpec(
+        name, dataset, deployment, _training(section.get("training"), where / "training", training), weight
+    )
 
 
 TOP_KEYS = (
@@ -302,6 +320,12 @@ def parse_federation(data: Any, source: Path) -> FederationSpec:
                 f"duplicate facility {facility.name!r}; every facility needs its own name"
             )
         facilities.append(facility)
+    weighted = [f.name for f in facilities if f.weight is not None]
+    if weighted and len(weighted) != len(facilities):
+        missing = next(i for i, f in enumerate(facilities) if f.weight is None)
+        raise (where / "facilities" / missing / "weight").fail(
+            f"is missing: {', '.join(weighted)} set a weight, so every facility needs one (or remove them all)"
+        )
     if aggregation.min_updates > len(facilities):
         raise (where / "aggregation" / "min_updates").fail(
             f"is {aggregation.min_updates} but there are only {len(facilities)} facilities"
@@ -340,4 +364,7 @@ def load_federation(path: Path) -> FederationSpec:
         at = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"{path.name}:{at} is not valid YAML ({problem})") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, or absurd nesting
+        why = "an integer has more than 4300 digits" if "integer string conversion" in str(exc) else str(exc)[:120]
+        raise InputError(f"{path.name}: cannot be read as YAML ({why}); fix that value") from exc
     return parse_federation(data, path)

@@ -37,6 +37,7 @@ class FacilitySpec:
     dataset: str  # absolute: local paths resolved against federation.yml, SLURM paths on the facility
     deployment: Deployment
     training: TrainOptions
+    weight: float | None = None  # fixed relative weight in aggregation (set for all facilities or none)
 
 
 @dataclass(frozen=True)

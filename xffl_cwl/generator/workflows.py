@@ -82,6 +82,31 @@ def nvidia_gpus_of(facility: FacilitySpec) -> int:
     return nvidia_gpus(template, deployment.facility.sbatch)
 
 
+def _weight_limits(spec: FederationSpec) -> dict[str, list[str]]:
+    """What each facility may weigh, from federation.yml: fixed weights, else what it can train in a round.
+
+    With local_steps a facility trains at most local_steps x batch_size x grad_accum sequences (x
+    seq_len tokens); an update that declares more counts that much. With epochs the workflow cannot
+    know the data's size, so the declared counts stand unless federation.yml sets weights.
+    """
+    if any(f.weight is not None for f in spec.facilities):
+        return {"weights": [f"{f.name}={f.weight:g}" for f in spec.facilities]}
+    if spec.aggregation.weighting == "uniform":
+        return {}
+    caps = []
+    for f in spec.facilities:
+        t = f.training
+        if t.local_steps is not None:
+            cap = (
+                t.local_steps
+                * t.batch_size
+                * t.grad_accum
+                * (t.seq_len if spec.aggregation.weighting == "tokens" else 1)
+            )
+            caps.append(f"{f.name}={cap}")
+    return {"max_weights": caps} if caps else {}
+
+
 def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowStep:
     inputs = [
         cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
@@ -126,7 +151,7 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
     ] + [
         cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo)
-        for k, v in _aggregation_defaults(spec.aggregation, spec.training.mode).items()
+        for k, v in (_weight_limits(spec) | _aggregation_defaults(spec.aggregation, spec.training.mode)).items()
     ]
     evaluate_inputs = [
         cwl.WorkflowStepInput(id="model", source=f"{AGGREGATE_STEP}/model", loadingOptions=lo),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from xffl_cwl.errors import InputError
+from xffl_cwl.learning.file_access import MalformedJSON, UnsafeFile, loads_strict, open_regular, read_regular
 from xffl_cwl.learning.model_dir import INDEX_SUFFIX
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -36,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class TensorEntry:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return _ITEMSIZE[self.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -107,64 +110,161 @@ class Checkpoint:
         return [s.relpath for s in self.shards]
 
 
-def read_shard(path: Path, relpath: str) -> ShardFile:
-    """Parse one file's header and check its offsets against the file size."""
+class HeaderError(ValueError):
+    """A header that is not a well-formed safetensors header; the message names what is wrong."""
+
+
+def _json(raw: bytes) -> object:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) != 8:
-                raise InputError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise InputError(f"{path} is not a safetensors file (header length {header_len} is impossible)")
-            header = json.loads(fh.read(header_len))
+        return loads_strict(raw)
+    except MalformedJSON as exc:
+        raise HeaderError(str(exc)) from None
+
+
+def _count(value: object, what: str) -> int:
+    """A JSON integer >= 0: not a float, a string or a boolean that Python would coerce."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HeaderError(f"{what} must be a non-negative JSON integer, got {value!r:.40}")
+    return value
+
+
+def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, str], list[tuple[str, str, tuple[int, ...], int, int]]]:
+    """Metadata and (name, dtype, shape, begin, end) of every tensor, data offsets relative to the data.
+
+    At least as strict as the reference `safetensors` library: every offset a JSON integer,
+    0 <= begin <= end, byte length = shape x dtype size, and the ranges tile the data exactly
+    (no holes, no overlaps, nothing after the last tensor); also no duplicate keys.
+    """
+    header = _json(raw)
+    if not isinstance(header, dict):
+        raise HeaderError("it is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError("__metadata__ must map strings to strings")
+    tensors = []
+    for name, info in header.items():
+        label = f"tensor {name[:120]!r}"
+        if not name or len(name) > 1024:
+            raise HeaderError(f"{label} has an empty or over-long name")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise HeaderError(f"{label} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise HeaderError(f"{label} has dtype {dtype!r:.40}, which xffl-cwl does not handle")
+        if not isinstance(shape, list) or len(shape) > 8:
+            raise HeaderError(f"{label} has a shape that is not a list of at most 8 dimensions")
+        dims = tuple(_count(d, f"{label}'s shape") for d in shape)
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise HeaderError(f"{label}'s data_offsets must be [begin, end]")
+        begin, end = (_count(o, f"{label}'s data_offsets") for o in offsets)
+        numel = 1
+        for d in dims:
+            numel *= d
+        if begin > end or end - begin != numel * _ITEMSIZE[dtype]:
+            raise HeaderError(f"{label} spans bytes [{begin}, {end}), which does not hold {list(dims)} of {dtype}")
+        tensors.append((name, dtype, dims, begin, end))
+    tensors.sort(key=lambda t: (t[3], t[4]))
+    position = 0
+    for name, _, _, begin, end in tensors:
+        if begin != position:
+            problem = (
+                "overlaps the previous one"
+                if begin < position
+                else f"leaves a hole of {begin - position} bytes before it"
+            )
+            raise HeaderError(f"tensor {name[:120]!r} {problem}")
+        position = end
+    if position != data_len:
+        raise HeaderError(f"the data_offsets cover {position} bytes of data but the file holds {data_len}")
+    return {str(k): v for k, v in metadata.items()}, tensors
+
+
+def read_shard(path: Path, relpath: str, untrusted: bool = False, max_header: int = MAX_HEADER_BYTES) -> ShardFile:
+    """Parse one file's header and check it against the file; `untrusted` files must also be regular files."""
+    try:
+        fd = open_regular(path, follow_links=not untrusted)
+    except UnsafeFile as exc:
+        raise InputError(f"{path} {exc}") from None
+    try:
+        size = os.fstat(fd).st_size
+        raw_len = os.pread(fd, 8, 0)
+        if len(raw_len) != 8:
+            raise InputError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > max_header or 8 + header_len > size:
+            raise InputError(
+                f"{path} is not a safetensors file (header length {header_len} is impossible or over {max_header} bytes)"
+            )
+        raw = os.pread(fd, header_len, 8)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not a safetensors file (its header is not JSON)") from exc
-    if not isinstance(header, dict):
-        raise InputError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    entries = []
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from exc
-        if dtype not in DTYPES:
-            raise InputError(f"{path}: tensor {name!r} has dtype {dtype}, which xffl-cwl does not handle")
-        entry = TensorEntry(name, dtype, shape, path, data_start + int(begin), data_start + int(end))
-        if entry.end > size or entry.begin > entry.end or entry.nbytes != entry.numel * entry.itemsize:
-            raise InputError(f"{path}: tensor {name!r} has offsets that do not match its shape or the file size")
-        entries.append(entry)
-    entries.sort(key=lambda e: e.begin)
-    return ShardFile(relpath, {str(k): str(v) for k, v in metadata.items()}, entries)
+    finally:
+        os.close(fd)
+    try:
+        metadata, tensors = parse_header(raw, size - 8 - header_len)
+    except HeaderError as exc:
+        raise InputError(f"{path} is not a valid safetensors file: {exc}") from None
+    if untrusted:
+        _reference_check(path)
+    start = 8 + header_len
+    entries = [
+        TensorEntry(name, dtype, shape, path, start + begin, start + end) for name, dtype, shape, begin, end in tensors
+    ]
+    return ShardFile(relpath, metadata, entries)
 
 
-def read_checkpoint(directory: Path, stem: str = "model") -> Checkpoint:
+def _reference_check(path: Path) -> None:
+    """The reference library must accept the file too (it maps the file but reads only the header here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # the library's own error types vary between versions
+        raise InputError(f"{path} is rejected by the safetensors library ({str(exc)[:200]})") from None
+
+
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.safetensors$")
+MAX_INDEX_BYTES = 16 * 1024 * 1024
+
+
+def read_checkpoint(
+    directory: Path, stem: str = "model", untrusted: bool = False, max_header: int = MAX_HEADER_BYTES
+) -> Checkpoint:
     """Find `<stem>.safetensors` or `<stem>.safetensors.index.json` in a directory (HF layout)."""
     directory = Path(directory)
     index = directory / f"{stem}{INDEX_SUFFIX}"
     single = directory / f"{stem}.safetensors"
-    if index.is_file():
+    if index.exists() or index.is_symlink():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{index} is not a valid safetensors index (needs a weight_map)") from exc
+            weight_map = _json(read_regular(index, MAX_INDEX_BYTES, follow_links=not untrusted))
+        except (UnsafeFile, HeaderError) as exc:
+            raise InputError(f"{index} is not a valid safetensors index: {exc}") from None
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise InputError(f"{index} is not a valid safetensors index (needs a weight_map object)")
+        weight_map = weight_map["weight_map"]
+        for name, rel in weight_map.items():
+            if not isinstance(rel, str) or not SHARD_NAME.fullmatch(rel):
+                raise InputError(
+                    f"{index} maps tensor {name[:120]!r} to {rel!r:.80}, which is not a shard file in its directory"
+                )
         relpaths = sorted(set(weight_map.values()))
-        for rel in relpaths:
-            if "/" in rel or rel.startswith("."):
-                raise InputError(f"{index} names a shard outside its directory: {rel!r}")
-        shards = [read_shard(directory / rel, rel) for rel in relpaths]
+        shards = [read_shard(directory / rel, rel, untrusted, max_header) for rel in relpaths]
         ckpt = Checkpoint(directory, shards, index.name)
-        missing = set(weight_map) - set(ckpt.by_name)
-        if missing:
-            raise InputError(f"{index} lists tensor {sorted(missing)[0]!r} that no shard holds")
+        if sum(len(s.entries) for s in shards) != len(ckpt.by_name):
+            raise InputError(f"{index}: a tensor is stored in more than one shard")
+        for name, rel in weight_map.items():
+            entry = ckpt.by_name.get(name)
+            if entry is None or entry.file.name != rel:
+                raise InputError(f"{index} lists tensor {name[:120]!r} in {rel}, which does not hold it")
+        if set(ckpt.by_name) != set(weight_map):
+            extra = sorted(set(ckpt.by_name) - set(weight_map))[0]
+            raise InputError(f"{index} does not list tensor {extra[:120]!r}, which a shard holds")
         return ckpt
-    if single.is_file():
-        return Checkpoint(directory, [read_shard(single, single.name)])
+    if single.exists() or single.is_symlink():
+        return Checkpoint(directory, [read_shard(single, single.name, untrusted, max_header)])
     raise InputError(
         f"{directory} holds no {stem}.safetensors (nor a sharded index); is it a Hugging Face model directory?"
     )
@@ -194,7 +294,7 @@ class TensorReader:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path, follow_links=True)  # a FIFO swapped in would hang a plain open
             self._fds[path] = fd
         return fd
 

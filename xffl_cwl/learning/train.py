@@ -21,7 +21,7 @@ import torch
 
 from xffl_cwl import __version__
 from xffl_cwl.atomic import atomic_dir, check_output_dir
-from xffl_cwl.contract.layout import UPDATE_JSON
+from xffl_cwl.contract.layout import UPDATE_JSON, UPDATE_NAME
 from xffl_cwl.contract.options import TrainOptions, tool_params, tool_values
 from xffl_cwl.contract.params import ParamError
 from xffl_cwl.contract.records import HeldOut, LoraSummary, LossSpan, UpdateRecord, finite_or_none, json_text
@@ -63,8 +63,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject impossible settings before anything is loaded."""
-        if not self.facility:
-            raise InputError("--facility must not be empty")
+        if not UPDATE_NAME.fullmatch(self.facility):
+            raise InputError(
+                f"--facility {self.facility!r:.80} must be letters, digits, _ and - (it names the update directory), "
+                "starting with a letter or digit"
+            )
         values = tool_values(self.options)
         for p in tool_params(TrainOptions):
             try:

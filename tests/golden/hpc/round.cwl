@@ -124,6 +124,11 @@ steps:
         linkMerge: merge_flattened
       state: state
       round: round
+      max_weights:
+        default:
+          - leonardo=10240
+          - lumi=10240
+          - vega=5120
       strategy: {default: fedadam}
       min_updates: {default: 3}
       server_lr: {default: 0.02}

@@ -117,6 +117,10 @@ steps:
         linkMerge: merge_flattened
       state: state
       round: round
+      max_weights:
+        default:
+          - leonardo=160
+          - meluxina=320
       strategy: {default: nesterov}
       min_updates: {default: 2}
       momentum: {default: 0.8}

@@ -1,7 +1,9 @@
 """The aggregator: screen the round's updates, then stream the next global model to disk.
 
 Memory stays bounded by a few chunks of `chunk_elems` elements, whatever the model size and the
-number of updates (see plans.py and streaming.py).
+number of updates (see plans.py and streaming.py). An update that turns out bad while it is
+merged (non-finite values, or a change that makes the result non-finite) is rejected and the
+round is written again without it; a good round reads every update once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import logging
 import resource
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,22 @@ from xffl_cwl.contract.options import AggregateOptions, tool_params, tool_values
 from xffl_cwl.contract.params import ParamError
 from xffl_cwl.contract.records import AggregateRecord, FacilitySummary, Rejection, json_text
 from xffl_cwl.errors import InputError
-from xffl_cwl.learning.aggregation.plans import Members, Norms, exact_lora_plan, fedit_plan, full_plan
-from xffl_cwl.learning.aggregation.screening import GlobalModel, screen
-from xffl_cwl.learning.aggregation.server_state import STATE_JSON, load_state, state_record
-from xffl_cwl.learning.aggregation.strategies import hyperparameters, make_strategy
-from xffl_cwl.learning.aggregation.streaming import stream
-from xffl_cwl.learning.aggregation.updates import Update, check_weighting
+from xffl_cwl.learning.aggregation.lora import parse_config
+from xffl_cwl.learning.aggregation.plans import (
+    Member,
+    Norms,
+    OutputShard,
+    UpdateFault,
+    exact_lora_plan,
+    fedit_plan,
+    full_plan,
+)
+from xffl_cwl.learning.aggregation.robust import Rule
+from xffl_cwl.learning.aggregation.screening import GlobalModel, rejection, screen
+from xffl_cwl.learning.aggregation.server_state import STATE_JSON, ServerState, load_state, state_record
+from xffl_cwl.learning.aggregation.strategies import ServerOptimizer, hyperparameters, make_strategy
+from xffl_cwl.learning.aggregation.streaming import NonFiniteOutput, stream
+from xffl_cwl.learning.aggregation.updates import Update, UpdateSource
 from xffl_cwl.learning.model_dir import (
     ADAPTER_CONFIG,
     ADAPTER_STEM,
@@ -44,19 +57,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AggregateConfig:
-    """One `xffl-cwl aggregate` run: the global model, the updates, where to write, and the settings."""
+    """One `xffl-cwl aggregate` run: the global model, the updates, where to write, and the settings.
+
+    `max_weight` and `weights` come from the workflow (federation.yml), never from the updates:
+    the most a facility's samples (or tokens) may count, and fixed relative weights.
+    """
 
     global_dir: Path
-    updates: list[Path]
+    updates: list[UpdateSource | Path]
     out: Path
     options: AggregateOptions = field(default_factory=AggregateOptions)
     state: Path | None = None
     state_out: Path | None = None
     round: int | None = None
     chunk_elems: int = 1024 * 1024
+    max_weight: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
 
-def _validate(cfg: AggregateConfig) -> None:
+def _validate(cfg: AggregateConfig) -> list[UpdateSource]:
     if not cfg.updates:
         raise InputError("no --update given; pass at least one update directory")
     values = tool_values(cfg.options)
@@ -65,6 +84,10 @@ def _validate(cfg: AggregateConfig) -> None:
             p.check(values[p.name])
         except ParamError as exc:
             raise InputError(f"{p.flag} {exc}") from None
+    for flag, table in (("--max-weight", cfg.max_weight), ("--weight", cfg.weights)):
+        for name, value in table.items():
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise InputError(f"{flag} {name}={value!r}: must be a positive finite number")
     if not Path(cfg.global_dir).is_dir():
         raise InputError(f"--global {cfg.global_dir} is not a directory; pass the current global model directory")
     if cfg.chunk_elems < 1:
@@ -72,26 +95,74 @@ def _validate(cfg: AggregateConfig) -> None:
     check_output_dir(Path(cfg.out))
     if cfg.state_out is not None:
         check_output_dir(Path(cfg.state_out), "--state-out")
+    return [u if isinstance(u, UpdateSource) else UpdateSource.parse(u) for u in cfg.updates]
 
 
-def _facility_summary(update: Update, weight: float, norm_sq: float | None) -> FacilitySummary:
-    r = update.record
-    return FacilitySummary(
-        samples=r.samples,
-        tokens=r.tokens,
-        weight=weight,
-        steps=r.steps,
-        train_loss=r.train_loss,
-        eval_loss=r.eval_loss,
-        wall_seconds=r.wall_seconds,
-        delta_norm=None if norm_sq is None else norm_sq**0.5,
-    )
+def _bases(cfg: AggregateConfig, valid: list[Update], rejected: list[Rejection]) -> list[tuple[Update, float, bool]]:
+    """(update, raw weight, capped) for every update the workflow lets count; the others join `rejected`."""
+    out = []
+    for u in valid:
+        if cfg.weights:
+            if u.facility not in cfg.weights:
+                rejected.append(rejection(u.facility, u.path, "the workflow sets weights, but none for this facility"))
+                continue
+            out.append((u, float(cfg.weights[u.facility]), False))
+            continue
+        if cfg.options.weighting == "uniform":
+            out.append((u, 1.0, False))
+            continue
+        declared = float(u.samples if cfg.options.weighting == "samples" else u.tokens)
+        cap = cfg.max_weight.get(u.facility)
+        out.append((u, min(declared, cap) if cap is not None else declared, cap is not None and declared > cap))
+    return out
+
+
+def _clip_factors(members: list[Member], shards: list[OutputShard], bound: float, chunk_elems: int) -> dict[str, float]:
+    """Per member, min(1, bound x median change / its change): one pass over every update's stepped tensors."""
+    norms = {m.facility: 0.0 for m in members}
+    for plan in (p for s in shards for p in s.plans if p.target is not None):
+        for m in members:
+            norms[m.facility] += plan.target.delta_sq(m, plan.current, chunk_elems)
+    lengths = {name: value**0.5 for name, value in norms.items()}
+    limit = bound * statistics.median(lengths.values())
+    return {name: 1.0 if length <= limit or length == 0 else limit / length for name, length in lengths.items()}
+
+
+@dataclass
+class _Written:
+    digests: dict[str, str]
+    state_names: list[str]
+    bytes_written: int
+    members: list[Member]
+    norms: Norms
+
+
+def _merge(
+    cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], strategy: ServerOptimizer,
+    old_state: ServerState, reader: TensorReader, out: Path, state_dir: Path | None,
+) -> _Written:  # fmt: skip
+    opts = cfg.options
+    total = sum(raw for _, raw, _ in weighted)
+    members = [Member(u, raw / total) for u, raw, _ in weighted]
+    mode = members[0].update.mode
+    fedit = mode == "lora" and opts.lora_merge == "fedit"
+    rule = Rule(opts.merge, opts.trim)
+    chunk = cfg.chunk_elems if rule.kind == "mean" else max(1, cfg.chunk_elems // len(members))
+    norms = Norms()
+    planner = full_plan if mode == "full" else (fedit_plan if fedit else exact_lora_plan)
+    shards = planner(glob, members, reader, norms, rule, chunk)
+    if opts.norm_clip is not None and len(members) > 1:
+        factors = _clip_factors(members, shards, opts.norm_clip, chunk)
+        for m in members:
+            m.clip = factors[m.facility]
+    digests, state_names, written = stream(shards, out, state_dir, strategy, old_state, reader, chunk, norms, members)
+    return _Written(digests, state_names, written, members, norms)
 
 
 def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     """Write the next global model at `cfg.out` (and the optimizer state); returns the aggregate.json record."""
     started = time.perf_counter()
-    _validate(cfg)
+    sources = _validate(cfg)
     opts = cfg.options
     strategy = make_strategy(opts)
     slots = strategy.info.slots
@@ -99,78 +170,109 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
         raise InputError(f"--state was given but strategy {strategy.info.name} keeps no state; drop --state")
     old_state = load_state(cfg.state, strategy.info)
     global_dir = Path(cfg.global_dir)
+    adapter = has_adapter(global_dir)
     glob = GlobalModel(
         path=global_dir,
         checkpoint=read_checkpoint(global_dir, MODEL_STEM),
         fingerprint=fingerprint(global_dir),
-        adapter=read_checkpoint(global_dir / ADAPTER_SUBDIR, ADAPTER_STEM) if has_adapter(global_dir) else None,
+        adapter=read_checkpoint(global_dir / ADAPTER_SUBDIR, ADAPTER_STEM) if adapter else None,
+        adapter_config=parse_config(read_json(global_dir / ADAPTER_SUBDIR / ADAPTER_CONFIG, "a PEFT adapter"))
+        if adapter
+        else None,
     )
-
     with TensorReader() as reader:
-        valid, rejected = screen(cfg.updates, glob, opts, cfg.round, reader, cfg.chunk_elems)
-        if len(valid) < opts.min_updates:
-            reasons = "; ".join(f"{r.facility}: {r.reason}" for r in rejected) or "none rejected"
-            raise InputError(
-                f"only {len(valid)} valid update(s) of {len(cfg.updates)}, --min-updates is {opts.min_updates} ({reasons})"
-            )
-        mode = valid[0].mode
-        fedit = mode == "lora" and opts.lora_merge == "fedit"
-        if glob.adapter is not None and not fedit:
+        valid, rejected = screen(sources, glob, opts, cfg.round, reader, cfg.chunk_elems)
+        if valid and glob.adapter is not None and not (valid[0].mode == "lora" and opts.lora_merge == "fedit"):
             raise InputError(
                 f"--global {global_dir} carries a LoRA adapter (FedIT); aggregate its updates with --lora-merge fedit"
             )
-        members: Members = list(zip(check_weighting(valid, opts.weighting), valid, strict=True))
-        norms = Norms()
-        planner = full_plan if mode == "full" else (fedit_plan if fedit else exact_lora_plan)
-        shards = planner(glob, members, reader, norms)
-        with contextlib.ExitStack() as outputs:
-            out = outputs.enter_context(atomic_dir(Path(cfg.out)))
-            state_dir = None
-            if slots and cfg.state_out is not None:
-                state_dir = outputs.enter_context(atomic_dir(Path(cfg.state_out), "--state-out"))
-            elif slots:
-                state_dir = out / STATE_DIR
-                state_dir.mkdir()
-            digests, state_names, bytes_written = stream(
-                shards, out, state_dir, strategy, old_state, reader, cfg.chunk_elems, norms
-            )
-            if glob.checkpoint.index_name:
-                shutil.copy2(global_dir / glob.checkpoint.index_name, out / glob.checkpoint.index_name)
-            copy_side_files(global_dir, out)
-            if fedit:
-                source = global_dir / ADAPTER_SUBDIR if glob.adapter else valid[0].path
-                config = read_json(source / ADAPTER_CONFIG, "a PEFT adapter directory")
-                (out / ADAPTER_SUBDIR / ADAPTER_CONFIG).write_text(json_text(config))
-            if state_dir is not None:
-                state = state_record(
-                    strategy.info.name, old_state.step + 1, hyperparameters(strategy), slots, state_names
+        while True:
+            weighted = _bases(cfg, valid, rejected)
+            valid = [u for u, _, _ in weighted]
+            if len(valid) < opts.min_updates or not valid:
+                reasons = "; ".join(f"{r.facility}: {r.reason}" for r in rejected) or "none rejected"
+                raise InputError(
+                    f"only {len(valid)} valid update(s) of {len(sources)}, --min-updates is {opts.min_updates} ({reasons})"
                 )
-                (state_dir / STATE_JSON).write_text(json_text(state))
-            record = AggregateRecord(
-                round=cfg.round if cfg.round is not None else valid[0].round,
-                mode=mode,
-                strategy=strategy.info.name,
-                hyperparameters=hyperparameters(strategy),
-                lora_merge=opts.lora_merge if mode == "lora" else None,
-                weighting=opts.weighting,
-                facilities={
-                    u.facility: _facility_summary(u, w, norms.per_facility.get(u.facility)) for w, u in members
-                },
-                rejected=[Rejection(r.facility, r.path.name, r.reason) for r in rejected],
-                samples=sum(u.samples for u in valid),
-                tokens=sum(u.tokens for u in valid),
-                update_norm=norms.update**0.5,
-                base_fingerprint=glob.fingerprint,
-                fingerprint=combine_digests(digests),
-                state_step=old_state.step + 1 if slots else None,
-                bytes_read=reader.bytes_read,
-                bytes_written=bytes_written,
-                seconds=round(time.perf_counter() - started, 3),
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            )
-            (out / AGGREGATE_JSON).write_text(json_text(record.to_json()))
+            try:
+                with contextlib.ExitStack() as outputs:
+                    out = outputs.enter_context(atomic_dir(Path(cfg.out)))
+                    state_dir = None
+                    if slots and cfg.state_out is not None:
+                        state_dir = outputs.enter_context(atomic_dir(Path(cfg.state_out), "--state-out"))
+                    elif slots:
+                        state_dir = out / STATE_DIR
+                        state_dir.mkdir()
+                    done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir)
+                    record = _finish(
+                        cfg, glob, weighted, done, rejected, strategy, old_state, out, state_dir, reader, started
+                    )
+                break
+            except UpdateFault as fault:
+                rejected.append(rejection(fault.update.facility, fault.update.path, fault.reason))
+                valid = [u for u in valid if u is not fault.update]
+            except NonFiniteOutput as exc:
+                raise InputError(
+                    f"tensor {exc.tensor!r} of the next global model would not be finite with strategy {strategy.info.name} "
+                    f"({', '.join(f'{k} {v}' for k, v in hyperparameters(strategy).items())}), and no single update causes it; "
+                    "lower --server-lr, or bound the updates with --norm-clip"
+                ) from None
     log.info(
         "round %s: %d update(s) merged with %s, %d rejected, %.1f s",
-        record.round, len(valid), record.strategy, len(rejected), record.seconds,
+        record.round, len(record.facilities), record.strategy, len(record.rejected), record.seconds,
     )  # fmt: skip
+    return record
+
+
+def _finish(
+    cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], done: _Written,
+    rejected: list[Rejection], strategy: ServerOptimizer, old_state: ServerState, out: Path, state_dir: Path | None,
+    reader: TensorReader, started: float,
+) -> AggregateRecord:  # fmt: skip
+    """Everything beside the weights: index, side files, the FedIT adapter config, the state record, aggregate.json."""
+    opts = cfg.options
+    slots = strategy.info.slots
+    first = weighted[0][0]
+    if glob.checkpoint.index_name:
+        shutil.copy2(glob.path / glob.checkpoint.index_name, out / glob.checkpoint.index_name)
+    copy_side_files(glob.path, out)
+    if first.mode == "lora" and opts.lora_merge == "fedit":
+        config = glob.adapter_config or first.adapter
+        (out / ADAPTER_SUBDIR / ADAPTER_CONFIG).write_text(json_text(config.to_peft()))
+    if state_dir is not None:
+        state = state_record(strategy.info.name, old_state.step + 1, hyperparameters(strategy), slots, done.state_names)
+        (state_dir / STATE_JSON).write_text(json_text(state))
+    clips = {m.facility: m.clip for m in done.members}
+    facilities = {}
+    for (u, raw, capped), m in zip(weighted, done.members, strict=True):
+        r = u.record
+        norm_sq = done.norms.per_facility.get(u.facility)
+        facilities[u.facility] = FacilitySummary(
+            samples=r.samples, tokens=r.tokens, weight=m.weight, steps=r.steps, train_loss=r.train_loss,
+            eval_loss=r.eval_loss, wall_seconds=r.wall_seconds, delta_norm=None if norm_sq is None else norm_sq**0.5,
+            basis=raw, capped=capped, clip=clips[u.facility],
+        )  # fmt: skip
+    record = AggregateRecord(
+        round=cfg.round if cfg.round is not None else first.round,
+        mode=first.mode,
+        strategy=strategy.info.name,
+        hyperparameters=hyperparameters(strategy)
+        | {"merge": opts.merge, "norm_clip": opts.norm_clip}
+        | ({"trim": opts.trim} if opts.merge == "trimmed_mean" else {}),
+        lora_merge=opts.lora_merge if first.mode == "lora" else None,
+        weighting=opts.weighting if not cfg.weights else "set",
+        facilities=facilities,
+        rejected=list(rejected),
+        samples=sum(u.samples for u, _, _ in weighted),
+        tokens=sum(u.tokens for u, _, _ in weighted),
+        update_norm=done.norms.update**0.5,
+        base_fingerprint=glob.fingerprint,
+        fingerprint=combine_digests(done.digests),
+        state_step=old_state.step + 1 if slots else None,
+        bytes_read=reader.bytes_read,
+        bytes_written=done.bytes_written,
+        seconds=round(time.perf_counter() - started, 3),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    (out / AGGREGATE_JSON).write_text(json_text(record.to_json()))
     return record

@@ -1,25 +1,214 @@
 """Merge plans: for every output tensor, where its value comes from.
 
-A tensor is either copied from the global model or stepped towards a target: the clients'
-weighted mean (full updates, FedIT adapters) or the global weight plus the exact weighted mean of
-the clients' LoRA changes. Targets are computed chunk by chunk, so memory stays bounded.
+A tensor is either copied from the global model or stepped towards a target: the combination of
+the members' values (full updates, FedIT adapters) or the global weight plus the combination of
+their LoRA changes. Targets work chunk by chunk, so memory stays bounded, and check what they
+read: a member whose values are not finite raises UpdateFault, which rejects that member only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from xffl_cwl.learning.aggregation.lora import NotFinite, change_norm_sq
+from xffl_cwl.learning.aggregation.robust import Rule
 from xffl_cwl.learning.aggregation.screening import GlobalModel
 from xffl_cwl.learning.aggregation.updates import Update
 from xffl_cwl.learning.model_dir import ADAPTER_STEM, ADAPTER_SUBDIR
-from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, TensorSpec
+from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, TensorSpec, row_chunks
 
-# (start, count, current global values or None) -> the clients' weighted mean for those elements, fp32.
-Target = Callable[[int, int, "torch.Tensor | None"], torch.Tensor]
-Members = list[tuple[float, Update]]  # (normalised weight, update)
+
+class UpdateFault(Exception):
+    """One member spoils the merge (its values, or what they do to the result); the round is redone without it."""
+
+    def __init__(self, update: Update, reason: str) -> None:
+        super().__init__(reason)
+        self.update = update
+        self.reason = reason
+
+
+@dataclass
+class Member:
+    """An update taking part in the merge: its normalised weight and its norm-clipping factor (1: unclipped)."""
+
+    update: Update
+    weight: float
+    clip: float = 1.0
+
+    @property
+    def facility(self) -> str:
+        return self.update.facility
+
+
+@dataclass
+class Norms:
+    """Squared L2 norms accumulated chunk by chunk."""
+
+    per_facility: dict[str, float] = field(default_factory=dict)
+    update: float = 0.0
+
+    def add(self, facility: str, value: float) -> None:
+        self.per_facility[facility] = self.per_facility.get(facility, 0.0) + value
+
+
+def sq_norm(x: torch.Tensor) -> float:
+    """Squared L2 norm of a flat chunk: one fp32 pass; float64 only if fp32 overflows. NaN if x holds NaN/Inf."""
+    value = float(torch.dot(x, x))
+    if value == float("inf"):
+        wide = x.double()
+        value = float(torch.dot(wide, wide))
+    return value
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x: a sum is finite when its terms are (one pass); a non-finite sum is checked exactly."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _reweighted(members: list[Member]) -> list[Member]:
+    total = sum(m.weight for m in members)
+    return [Member(m.update, m.weight / total, m.clip) for m in members] if total > 0 else members
+
+
+class ValueTarget:
+    """The members' own values of a tensor (full weights, FedIT A and B), combined by the rule."""
+
+    def __init__(self, name: str, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule) -> None:
+        self.name, self.members, self.reader, self.norms, self.rule = name, members, reader, norms, rule
+
+    def _read(self, member: Member, start: int, count: int) -> torch.Tensor:
+        return self.reader.read(member.update.checkpoint.by_name[self.name], start, count).float()
+
+    def _fault(self, member: Member) -> UpdateFault:
+        return UpdateFault(member.update, f"tensor {self.name!r} holds NaN or Inf values")
+
+    def _checked(
+        self, member: Member, start: int, count: int, current: torch.Tensor | None, counted: bool
+    ) -> torch.Tensor:
+        """The member's values for these elements, checked finite (through their distance from the current
+        ones, which the update norm needs anyway), and clipped when the member's change is."""
+        values = self._read(member, start, count)
+        if current is None:
+            if not all_finite(values):
+                raise self._fault(member)
+            return values
+        delta = values - current
+        distance = sq_norm(delta)
+        if not math.isfinite(distance):
+            raise self._fault(member)
+        if counted:
+            self.norms.add(member.facility, distance)
+        if member.clip < 1.0:
+            return delta.mul_(member.clip).add_(current)
+        return values
+
+    def mean(
+        self, start: int, count: int, current: torch.Tensor | None, members: list[Member] | None = None
+    ) -> torch.Tensor:
+        counted = members is None
+        members = self.members if members is None else members
+        if self.rule.kind == "mean":
+            acc = torch.zeros(count, dtype=torch.float32)
+            for m in members:
+                acc.add_(self._checked(m, start, count, current, counted), alpha=m.weight)
+            return acc
+        return self.rule.robust([self._checked(m, start, count, current, counted) for m in members])
+
+    def change(self, member: Member, start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
+        """What this member alone would move these elements by (its values, where nothing is there yet)."""
+        values = self._read(member, start, count)
+        if not all_finite(values):
+            raise self._fault(member)
+        return values if current is None else values - current
+
+    def delta_sq(self, member: Member, current_entry: TensorEntry | None, chunk_elems: int) -> float:
+        """The member's squared distance from the current values over the whole tensor."""
+        entry = member.update.checkpoint.by_name[self.name]
+        total = 0.0
+        for start, count in row_chunks(entry.shape, chunk_elems):
+            values = self._read(member, start, count)
+            if current_entry is not None:
+                values -= self.reader.read(current_entry, start, count).float()
+            distance = sq_norm(values)
+            if not math.isfinite(distance):
+                raise self._fault(member)
+            total += distance
+        return total
+
+
+class LoraTarget:
+    """The global weight plus the combination of the members' exact changes scale * B @ A."""
+
+    def __init__(
+        self, base: TensorEntry, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, chunk_elems: int
+    ) -> None:
+        self.base, self.members, self.reader, self.norms, self.rule = base, members, reader, norms, rule
+        self.block_rows = max(1, chunk_elems // base.shape[1])  # rows of A read at once: bounds memory at any rank
+
+    def _delta(self, member: Member, start: int, count: int) -> torch.Tensor | None:
+        module = member.update.modules.get(self.base.name)
+        if module is None:
+            return None
+        cols = self.base.shape[1]
+        first_row, rows = start // cols, count // cols
+        b = self.reader.read(module.b, first_row * module.rank, rows * module.rank).float().view(rows, module.rank)
+        delta = None
+        for k in range(0, module.rank, self.block_rows):
+            kb = min(self.block_rows, module.rank - k)
+            a = self.reader.read(module.a, k * cols, kb * cols).float().view(kb, cols)
+            part = b[:, k : k + kb] @ a if kb < module.rank else b @ a
+            delta = part if delta is None else delta.add_(part)
+        assert delta is not None
+        return delta.mul_(module.scale).reshape(-1)
+
+    def _checked(self, member: Member, start: int, count: int, counted: bool) -> torch.Tensor | None:
+        """The member's change to these elements, checked finite through its norm (which is recorded)."""
+        delta = self._delta(member, start, count)
+        if delta is None:
+            return None
+        distance = sq_norm(delta)
+        if not math.isfinite(distance):
+            raise UpdateFault(
+                member.update, f"its change to {self.base.name!r} is not finite (NaN, Inf or overflowing lora_A/lora_B)"
+            )
+        if counted:
+            self.norms.add(member.facility, distance)
+        return delta.mul_(member.clip) if member.clip < 1.0 else delta
+
+    def mean(
+        self, start: int, count: int, current: torch.Tensor | None, members: list[Member] | None = None
+    ) -> torch.Tensor:
+        assert current is not None
+        counted = members is None
+        members = self.members if members is None else members
+        if self.rule.kind == "mean":
+            acc = current.clone()
+            for m in members:
+                delta = self._checked(m, start, count, counted)
+                if delta is not None:
+                    acc.add_(delta, alpha=m.weight)
+            return acc
+        deltas = [self._checked(m, start, count, counted) for m in members]
+        return current + self.rule.robust([torch.zeros(count) if d is None else d for d in deltas])
+
+    def change(self, member: Member, start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
+        delta = self._checked(member, start, count, counted=False)
+        return torch.zeros(count, dtype=torch.float32) if delta is None else delta
+
+    def delta_sq(self, member: Member, current_entry: TensorEntry | None, chunk_elems: int) -> float:
+        module = member.update.modules.get(self.base.name)
+        if module is None:
+            return 0.0
+        try:
+            return change_norm_sq(module, self.reader, chunk_elems)
+        except NotFinite as exc:
+            raise UpdateFault(member.update, f"tensor {str(exc)!r} holds NaN or Inf values") from None
+
+
+Target = ValueTarget | LoraTarget
 
 
 @dataclass
@@ -38,52 +227,6 @@ class OutputShard:
     plans: list[TensorPlan]
 
 
-@dataclass
-class Norms:
-    """Squared L2 norms accumulated chunk by chunk."""
-
-    per_facility: dict[str, float] = field(default_factory=dict)
-    update: float = 0.0
-
-    def add(self, facility: str, value: float) -> None:
-        self.per_facility[facility] = self.per_facility.get(facility, 0.0) + value
-
-
-def full_target(name: str, members: Members, reader: TensorReader, norms: Norms) -> Target:
-    def target(start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
-        acc = torch.zeros(count, dtype=torch.float32)
-        for weight, update in members:
-            values = reader.read(update.checkpoint.by_name[name], start, count).float()
-            if current is not None:
-                norms.add(update.facility, float(torch.sum((values - current) ** 2)))
-            acc.add_(values, alpha=weight)
-        return acc
-
-    return target
-
-
-def exact_lora_target(base: TensorEntry, members: Members, reader: TensorReader, norms: Norms) -> Target:
-    """current + sum_i w_i * scale_i * B_i[rows] @ A_i: the exact mean of the clients' merged weights."""
-    cols = base.shape[1]
-
-    def target(start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
-        assert current is not None
-        first_row, rows = start // cols, count // cols
-        acc = current.clone()
-        for weight, update in members:
-            module = update.modules.get(base.name)
-            if module is None:
-                continue
-            a = reader.read(module.a).float().view(module.rank, cols)
-            b = reader.read(module.b, first_row * module.rank, rows * module.rank).float().view(rows, module.rank)
-            delta = (b @ a).mul_(module.scale).reshape(-1)
-            norms.add(update.facility, float(torch.sum(delta**2)))
-            acc.add_(delta, alpha=weight)
-        return acc
-
-    return target
-
-
 def _model_plan(ckpt: Checkpoint, targets: dict[str, Target]) -> list[OutputShard]:
     """The global model's own layout, each tensor stepped if it has a target, copied otherwise."""
     return [
@@ -99,29 +242,40 @@ def _model_plan(ckpt: Checkpoint, targets: dict[str, Target]) -> list[OutputShar
     ]
 
 
-def full_plan(glob: GlobalModel, members: Members, reader: TensorReader, norms: Norms) -> list[OutputShard]:
-    return _model_plan(
-        glob.checkpoint, {e.name: full_target(e.name, members, reader, norms) for e in glob.checkpoint.entries()}
-    )
-
-
-def exact_lora_plan(glob: GlobalModel, members: Members, reader: TensorReader, norms: Norms) -> list[OutputShard]:
-    adapted = {name for _, u in members for name in u.modules}
-    targets = {name: exact_lora_target(glob.checkpoint.by_name[name], members, reader, norms) for name in adapted}
+def full_plan(
+    glob: GlobalModel, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, chunk_elems: int
+) -> list[OutputShard]:
+    targets = {e.name: ValueTarget(e.name, members, reader, norms, rule) for e in glob.checkpoint.entries()}
     return _model_plan(glob.checkpoint, targets)
 
 
-def fedit_plan(glob: GlobalModel, members: Members, reader: TensorReader, norms: Norms) -> list[OutputShard]:
-    """FedIT: the base is copied, the adapter's A and B are averaged separately."""
-    reference = glob.adapter or members[0][1].checkpoint
+def exact_lora_plan(
+    glob: GlobalModel, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, chunk_elems: int
+) -> list[OutputShard]:
+    adapted = {name for m in members for name in m.update.modules}
+    targets = {
+        name: LoraTarget(glob.checkpoint.by_name[name], members, reader, norms, rule, chunk_elems) for name in adapted
+    }
+    return _model_plan(glob.checkpoint, targets)
+
+
+def fedit_plan(
+    glob: GlobalModel, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, chunk_elems: int
+) -> list[OutputShard]:
+    """FedIT: the base is copied, the adapter's A and B are combined separately."""
+    reference = glob.adapter or members[0].update.checkpoint
     adapter_plans = [
         TensorPlan(
             TensorSpec(e.name, e.dtype, e.shape),
             glob.adapter.by_name[e.name] if glob.adapter else None,
-            full_target(e.name, members, reader, norms),
+            ValueTarget(e.name, members, reader, norms, rule),
         )
         for e in reference.entries()
     ]
     shard_meta = reference.shards[0].metadata if len(reference.shards) == 1 else {"format": "pt"}
     adapter = OutputShard(f"{ADAPTER_SUBDIR}/{ADAPTER_STEM}.safetensors", shard_meta, adapter_plans)
     return [*_model_plan(glob.checkpoint, {}), adapter]
+
+
+def without(members: list[Member], facility: str) -> list[Member]:
+    return _reweighted([m for m in members if m.facility != facility])

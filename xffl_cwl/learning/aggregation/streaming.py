@@ -2,6 +2,9 @@
 
 Each output file's header is laid out before any data is read; every tensor is processed in row
 chunks, the strategy steps each chunk with that chunk's state, and both are appended in order.
+Every stepped chunk and its state must be finite: when one is not, the member whose change is
+largest there is left out of that chunk; if that makes it finite the member is to blame
+(UpdateFault), otherwise the settings are (NonFiniteOutput).
 """
 
 from __future__ import annotations
@@ -10,10 +13,31 @@ from pathlib import Path
 
 import torch
 
-from xffl_cwl.learning.aggregation.plans import Norms, OutputShard
+from xffl_cwl.learning.aggregation.plans import (
+    Member,
+    Norms,
+    OutputShard,
+    TensorPlan,
+    UpdateFault,
+    all_finite,
+    sq_norm,
+    without,
+)
 from xffl_cwl.learning.aggregation.server_state import ServerState
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer
 from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, TensorSpec, row_chunks
+
+
+class NonFiniteOutput(Exception):
+    """A merged tensor (or its optimizer state) is not finite, and no single update causes it."""
+
+    def __init__(self, tensor: str) -> None:
+        super().__init__(tensor)
+        self.tensor = tensor
+
+
+def _finite(new: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:
+    return all_finite(new) and all(all_finite(s) for s in state.values())
 
 
 def stream(
@@ -25,6 +49,7 @@ def stream(
     reader: TensorReader,
     chunk_elems: int,
     norms: Norms,
+    members: list[Member],
 ) -> tuple[dict[str, str], list[str], int]:
     """Write every output tensor and the new optimizer state; returns digests, state tensor names, bytes written."""
     stepped = [p for s in shards for p in s.plans if p.target is not None]
@@ -49,11 +74,13 @@ def stream(
                     writer.write(plan.spec.name, stored)
                     continue
                 current = stored.float() if stored is not None else None
-                mean = plan.target(start, count, current)
+                mean = plan.target.mean(start, count, current)
                 state = {slot: _state_chunk(old_state, slot, plan.spec.name, start, count, reader) for slot in slots}
                 new = strategy.step(current if current is not None else mean, mean, state)
+                if not _finite(new, state):
+                    _blame(plan, start, count, current, strategy, old_state, reader, members)
                 if current is not None:
-                    norms.update += float(torch.sum((new - current) ** 2))
+                    norms.update += sq_norm(new - current)
                 writer.write(plan.spec.name, new.to(plan.spec.torch_dtype))
                 for slot, slot_writer in slot_writers.items():
                     slot_writer.write(plan.spec.name, state[slot])
@@ -67,6 +94,35 @@ def stream(
         slot_writer.close()
         written += slot_writer.bytes_written
     return digests, names + carried, written
+
+
+def _blame(
+    plan: TensorPlan,
+    start: int,
+    count: int,
+    current: torch.Tensor | None,
+    strategy: ServerOptimizer,
+    old_state: ServerState,
+    reader: TensorReader,
+    members: list[Member],
+) -> None:
+    """Raise UpdateFault for the member that makes this chunk non-finite, or NonFiniteOutput if none does alone."""
+    target = plan.target
+    assert target is not None
+    sizes = [(float(target.change(m, start, count, current).abs().max()), m) for m in members]
+    size, culprit = max(sizes, key=lambda pair: pair[0])
+    rest = without(members, culprit.facility)
+    if rest:
+        mean = target.mean(start, count, current, rest)
+    else:  # the only member: without it the step has nothing to do
+        mean = current if current is not None else torch.zeros(count)
+    state = {slot: _state_chunk(old_state, slot, plan.spec.name, start, count, reader) for slot in strategy.info.slots}
+    if _finite(strategy.step(current if current is not None else mean, mean, state), state):
+        raise UpdateFault(
+            culprit.update,
+            f"it makes tensor {plan.spec.name!r} of the next global model non-finite (its change there reaches {size:.3g})",
+        )
+    raise NonFiniteOutput(plan.spec.name)
 
 
 def _state_chunk(

@@ -1,24 +1,36 @@
-"""Client updates: read them (safetensors and JSON only) and check each against the round.
+"""Client updates: the trust boundary. Everything in an update directory came from another
+machine; it is read here, and only here, with bounded sizes, regular files only, strict JSON and
+safetensors headers at least as strict as the reference library's, and typed, range-checked fields.
 
-Every check raises `Rejected` with the facility and a one-line reason naming the tensor or the
+Every problem raises `Rejected` with the facility and a one-line reason naming the file, tensor or
 field at fault; screening reports it and carries on with the remaining updates.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from xffl_cwl.contract.layout import UPDATE_JSON
+from xffl_cwl.contract.layout import UPDATE_JSON, UPDATE_NAME
 from xffl_cwl.contract.records import RecordError, UpdateRecord
 from xffl_cwl.errors import InputError
-from xffl_cwl.learning.aggregation.lora import LoraModule, UnsupportedAdapter, adapter_modules
-from xffl_cwl.learning.model_dir import ADAPTER_CONFIG, ADAPTER_STEM, MODEL_STEM, read_json
-from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorReader, read_checkpoint, row_chunks
+from xffl_cwl.learning.aggregation.lora import (
+    AdapterConfig,
+    LoraModule,
+    NotFinite,
+    UnsupportedAdapter,
+    adapter_modules,
+    change_norm_sq,
+    parse_config,
+)
+from xffl_cwl.learning.file_access import MalformedJSON, UnsafeFile, loads_strict, read_regular
+from xffl_cwl.learning.model_dir import ADAPTER_CONFIG, ADAPTER_STEM, MODEL_STEM
+from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorReader, read_checkpoint
+
+MAX_RECORD_BYTES = 64 * 1024  # update.json and adapter_config.json are a few hundred bytes
+MAX_CHANGE_NORM_SQ = 1e60  # an adapter whose change is larger than 1e30 (L2) would overflow fp32 weights
 
 
 class Rejected(Exception):
@@ -31,12 +43,52 @@ class Rejected(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class UpdateSource:
+    """An update as the workflow hands it over: who it is from (the workflow says so) and where it is."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, value: str | Path) -> UpdateSource:
+        """`NAME=DIR`, or `DIR`, whose own name is then the facility's (the train step names it so)."""
+        text = str(value)
+        head, sep, tail = text.partition("=")
+        if sep and "/" not in head:  # NAME=DIR (a path that merely contains "=" has a "/" before it)
+            if not UPDATE_NAME.fullmatch(head) or not tail:
+                raise InputError(f"--update {text!r:.100}: give NAME=DIR with NAME of letters, digits, _ and -")
+            return cls(head, Path(tail))
+        name = Path(text).name
+        if not UPDATE_NAME.fullmatch(name):
+            raise InputError(f"--update {text!r:.100}: give NAME=DIR, or a directory named after its facility")
+        return cls(name, Path(text))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes an update's files may have, derived from the global model they must match."""
+
+    max_header: int
+
+    @classmethod
+    def of(cls, glob: Checkpoint) -> Limits:
+        largest = max((_header_len(s.entries) for s in glob.shards), default=0)
+        total = sum(_header_len(s.entries) for s in glob.shards)
+        # An update's header names the same tensors (or two small ones per adapted matrix).
+        return cls(max_header=max(64 * 1024, 2 * largest, 4 * total))
+
+
+def _header_len(entries) -> int:
+    return entries[0].begin if entries else 0
+
+
 @dataclass
 class Update:
     path: Path
     record: UpdateRecord
     checkpoint: Checkpoint
-    adapter_config: dict[str, Any] | None = None
+    adapter: AdapterConfig | None = None
     modules: dict[str, LoraModule] = field(default_factory=dict)
 
     @property
@@ -63,34 +115,46 @@ class Update:
         return Rejected(self.facility, self.path, reason)
 
 
-def load_update(path: Path) -> Update:
-    """Parse update.json and the weight headers; no tensor data is read yet."""
-    path = Path(path)
-    label = path.name
-    if not path.is_dir():
-        raise Rejected(label, path, "not a directory")
+def _json_file(path: Path, source: UpdateSource) -> object:
     try:
-        data = read_json(path / UPDATE_JSON, "an xffl-cwl update directory")
-    except InputError as exc:
-        raise Rejected(label, path, str(exc)) from exc
+        return loads_strict(read_regular(path, MAX_RECORD_BYTES))
+    except (UnsafeFile, MalformedJSON) as exc:
+        raise Rejected(source.name, source.path, f"{path.name} {exc}") from None
+
+
+def load_update(source: UpdateSource, global_dir: Path, limits: Limits) -> Update:
+    """Parse update.json and the weight headers of one update; no tensor data is read yet."""
+    path = source.path
+    if not path.is_dir():
+        raise Rejected(source.name, path, "not a directory")
+    if os.path.samefile(path, global_dir):
+        raise Rejected(source.name, path, "it is the global model directory itself")
+    data = _json_file(path / UPDATE_JSON, source)
     try:
         record = UpdateRecord.from_json(data)
     except RecordError as exc:
-        facility = data.get("facility") if isinstance(data.get("facility"), str) and data.get("facility") else label
-        raise Rejected(facility[:64], path, str(exc)) from exc
+        raise Rejected(source.name, path, str(exc)) from None
+    if record.facility != source.name:
+        raise Rejected(
+            source.name,
+            path,
+            f"update.json says it comes from {record.facility!r}, the workflow delivered it as {source.name!r}",
+        )
     try:
-        ckpt = read_checkpoint(path, MODEL_STEM if record.mode == "full" else ADAPTER_STEM)
+        ckpt = read_checkpoint(
+            path, MODEL_STEM if record.mode == "full" else ADAPTER_STEM, untrusted=True, max_header=limits.max_header
+        )
         update = Update(path, record, ckpt)
         if record.mode == "lora":
-            update.adapter_config = read_json(path / ADAPTER_CONFIG, "a PEFT adapter directory")
-            update.modules = adapter_modules(ckpt, update.adapter_config)
+            update.adapter = parse_config(_json_file(path / ADAPTER_CONFIG, source))
+            update.modules = adapter_modules(ckpt, update.adapter)
     except (InputError, UnsupportedAdapter) as exc:
-        raise Rejected(record.facility, path, str(exc)) from exc
+        raise Rejected(source.name, path, str(exc)) from None
     return update
 
 
 def check_same_layout(update: Update, reference: Checkpoint, what: str) -> None:
-    """Same tensor names, shapes and dtypes as `reference` (the global model or global adapter)."""
+    """Same tensor names, shapes, dtypes (and shard files) as `reference` (the global model or global adapter)."""
     for entry in reference.entries():
         mine = update.checkpoint.by_name.get(entry.name)
         if mine is None:
@@ -103,41 +167,41 @@ def check_same_layout(update: Update, reference: Checkpoint, what: str) -> None:
             raise update.reject(f"tensor {entry.name!r} has dtype {mine.dtype}, the {what} has {entry.dtype}")
     extra = sorted(set(update.checkpoint.by_name) - set(reference.by_name))
     if extra:
-        raise update.reject(f"tensor {extra[0]!r} is not in the {what}")
+        raise update.reject(f"tensor {extra[0][:120]!r} is not in the {what}")
 
 
 def check_adapter_fits(update: Update, base: Checkpoint) -> None:
-    """Every adapted module exists in the base model with the shape B @ A produces."""
+    """Every adapted module exists in the base model with the shape B @ A produces, at a rank it can have."""
     for base_name, module in update.modules.items():
         target = base.by_name.get(base_name)
         if target is None:
-            raise update.reject(f"tensor {module.a.name!r} adapts {base_name!r}, which the global model does not have")
-        if target.shape != (module.b.shape[0], module.a.shape[1]):
+            raise update.reject(
+                f"tensor {module.a.name[:120]!r} adapts {base_name[:120]!r}, which the global model does not have"
+            )
+        if len(target.shape) != 2 or target.shape != (module.b.shape[0], module.a.shape[1]):
             raise update.reject(
                 f"tensors {module.a.name!r}/{module.b.name!r} give a {module.b.shape[0]}x{module.a.shape[1]} change, "
                 f"but {base_name!r} is {'x'.join(map(str, target.shape))}"
             )
-        if not module.a.is_float or not module.b.is_float:
+        if module.rank > min(target.shape):
+            raise update.reject(
+                f"tensor {module.a.name!r} has rank {module.rank}, more than {base_name!r} can have ({min(target.shape)})"
+            )
+        if not module.a.is_float or not module.b.is_float or not target.is_float:
             raise update.reject(f"tensor {module.a.name!r} is not floating point")
+        if not math.isfinite(module.scale):
+            raise update.reject(f"tensor {module.a.name!r} has a scale that is not finite")
 
 
-def check_finite(update: Update, reader: TensorReader, chunk_elems: int) -> None:
-    """Read every float tensor once, in bounded chunks; NaN or Inf anywhere rejects the update."""
-    for entry in update.checkpoint.entries():
-        if not entry.is_float:
-            continue
-        for start, count in row_chunks(entry.shape, chunk_elems):
-            if not torch.isfinite(reader.read(entry, start, count)).all():
-                raise update.reject(f"tensor {entry.name!r} holds NaN or Inf values")
+def check_adapter_change(update: Update, reader: TensorReader, chunk_elems: int) -> None:
+    """Each module's change scale * B @ A must be finite and sane, whatever the merge does with A and B.
 
-
-def check_weighting(updates: list[Update], weighting: str) -> list[float]:
-    """Normalised weights; an update whose weight would be zero cannot be averaged in."""
-    if weighting == "uniform":
-        raw = [1.0] * len(updates)
-    else:
-        raw = [float(u.samples if weighting == "samples" else u.tokens) for u in updates]
-    total = sum(raw)
-    if not total > 0 or not math.isfinite(total):
-        raise InputError(f"updates carry no {weighting} to weight them by; use --weighting uniform")
-    return [r / total for r in raw]
+    Adapters are small: this reads each once, and never forms B @ A (see lora.change_norm_sq).
+    """
+    for base_name, module in update.modules.items():
+        try:
+            norm_sq = change_norm_sq(module, reader, chunk_elems)
+        except NotFinite as exc:
+            raise update.reject(f"tensor {str(exc)!r} holds NaN or Inf values") from None
+        if not math.isfinite(norm_sq) or norm_sq > MAX_CHANGE_NORM_SQ:
+            raise update.reject(f"its change to {base_name!r} overflows (lora_A/lora_B values too large)")

@@ -15,7 +15,7 @@ $namespaces:
   cwltool: http://commonwl.org/cwltool#
 baseCommand: [xffl-cwl, train]
 arguments:
-  - {prefix: --out, valueFrom: update}
+  - {prefix: --out, valueFrom: $(inputs.facility)}
   - --no-progress
 requirements:
   EnvVarRequirement:
@@ -49,7 +49,9 @@ inputs:
   facility:
     type: string
     label: Facility name
-    doc: Recorded in update.json; the aggregator names rejected updates by it.
+    doc: |
+      Names the update directory and is recorded in update.json; the aggregator knows each update by
+      its directory's name and refuses one whose update.json claims another. Letters, digits, _ and -.
     inputBinding: {prefix: --facility}
   round:
     type: int
@@ -153,13 +155,13 @@ outputs:
   update:
     type: Directory
     label: Update
-    doc: Full weights (model directory) or a PEFT adapter, with update.json.
-    outputBinding: {glob: update}
+    doc: Full weights (model directory) or a PEFT adapter, with update.json, in a directory named after the facility.
+    outputBinding: {glob: $(inputs.facility)}
   metrics:
     type: File
     label: Update metrics
     doc: update.json of the update.
-    outputBinding: {glob: update/update.json}
+    outputBinding: {glob: $(inputs.facility)/update.json}
   log:
     type: File
     label: Training log
