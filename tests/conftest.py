@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -197,3 +198,87 @@ def run_aggregate(
     # The workflow names each update after its facility; here the test's update.json says which it is.
     named = [f"{json.loads((Path(u) / 'update.json').read_text())['facility']}={u}" for u in updates]
     return aggregate(AggregateConfig(global_dir, named, out, options, state, state_out, round, chunk_elems)).to_json()
+
+
+def squeue(facility: dict) -> list[str]:
+    """This project's jobs still queued or running on a facility's cluster ("ID NAME" lines)."""
+    proc = subprocess.run(
+        ["squeue", "-h", "-o", "%i %j"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": facility["slurm_conf"]},
+    )
+    return [line for line in proc.stdout.splitlines() if "xffl" in line]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"waited {timeout:g} s for {what}")
+
+
+def _facility_dir(facility: dict) -> Path:
+    return Path(facility["slurm_conf"]).parent.parent
+
+
+def _process_tree(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *(p for child in children for p in _process_tree(int(child)))]
+
+
+def restart_sshd(facility: dict, outage: float = 2.0) -> None:
+    """Drop every SSH connection to a facility's login node and bring its sshd back after `outage` seconds."""
+    import signal
+    import time
+
+    base = _facility_dir(facility)
+    for pid in reversed(_process_tree(int((base / "run" / "sshd.pid").read_text()))):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(outage)
+    config, log = base / "ssh" / "sshd_config", base / "log" / "sshd.log"
+    subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(log)], check=True, timeout=30)
+
+
+def slurmd_alive(facility: dict) -> bool:
+    pidfile = _facility_dir(facility) / "run" / "slurmd.pid"
+    return pidfile.exists() and Path(f"/proc/{pidfile.read_text().strip()}").exists()
+
+
+def stop_slurmd(facility: dict) -> None:
+    """Stop the compute node's slurmd, as a node failure does: jobs sent there never run."""
+    import signal
+
+    pid = int((_facility_dir(facility) / "run" / "slurmd.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "slurmd to stop")
+
+
+def start_slurmd(facility: dict) -> None:
+    """Bring the compute node back and wait until SLURM schedules on it again."""
+    env = {**os.environ, "SLURM_CONF": facility["slurm_conf"]}
+    subprocess.run(["/usr/sbin/slurmd", "-f", facility["slurm_conf"], "-N", facility["node"]], check=True, timeout=30)
+    # A job that was sent to the dead node stays COMPLETING until slurmctld's next retry (a minute or two)
+    # and holds the node; an administrator clears it by taking the node down and back, as done here.
+    scontrol = ["scontrol", "update", f"nodename={facility['node']}"]
+    subprocess.run([*scontrol, "state=down", "reason=repaired"], env=env, capture_output=True, timeout=30)
+    subprocess.run([*scontrol, "state=resume"], env=env, capture_output=True, timeout=30)
+
+    def ready() -> bool:
+        state = subprocess.run(
+            ["sinfo", "-h", "-n", facility["node"], "-o", "%T"], capture_output=True, text=True, env=env
+        )
+        if state.stdout.strip().rstrip("*") in ("down", "drained", "drain"):
+            subprocess.run(
+                ["scontrol", "update", f"nodename={facility['node']}", "state=resume"], env=env, capture_output=True
+            )
+        return state.stdout.strip() in ("idle", "mixed", "allocated")
+
+    wait_until(ready, 120, f"node {facility['node']} to be ready again", interval=1)

@@ -22,8 +22,11 @@ from xffl_cwl.contract.params import Param
 from xffl_cwl.contract.strategies import STRATEGIES
 
 TOOLS = {
-    "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round"}),
-    "aggregate.cwl": (AggregateOptions, {"global_model", "updates", "state", "round", "max_weights", "weights"}),
+    "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round", "deadline"}),
+    "aggregate.cwl": (
+        AggregateOptions,
+        {"global_model", "updates", "state", "round", "max_weights", "weights", "statuses", "left_out"},
+    ),
     "evaluate.cwl": (EvaluateOptions, {"model", "dataset", "previous_history", "round"}),
 }
 CWL_TYPES = {"int": "int?", "float": "float?", "str": "string?", "names": "string?", "pair": "string?"}

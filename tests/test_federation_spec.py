@@ -128,3 +128,59 @@ def test_yaml_errors_and_missing_files(tmp_path):
     proc = run_cli("generate", tmp_path / "absent.yml", "-o", tmp_path / "run")
     assert proc.returncode == 2 and "absent.yml" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+FAULT_TOLERANCE = """\
+round_deadline: "02:00:00"
+recovery: {{retries: 4, retry_delay: 30}}
+"""
+
+
+def test_deadlines_recovery_and_weights_reach_the_generated_files(write, tmp_path):
+    from ruamel.yaml import YAML
+
+    from xffl_cwl.generator import generate
+
+    text = GOOD.replace("facilities:\n", FAULT_TOLERANCE + "facilities:\n")
+    text = text.replace(
+        "    dataset: {data}/lumi\n", "    dataset: {data}/lumi\n    round_deadline: 1-00:00:00\n    weight: 1\n"
+    )
+    text = text.replace("    dataset: {data}/leonardo\n", "    dataset: {data}/leonardo\n    weight: 3\n")
+    spec = load_federation(write(text))
+    leonardo, lumi = spec.facilities
+    assert spec.round_deadline == 7200 and leonardo.deadline == 7200 and lumi.deadline == 86400
+    assert spec.recovery.retries == 4 and spec.recovery.retry_delay == 30
+    generate(spec, tmp_path / "run")
+    yaml = YAML(typ="safe")
+    steps = yaml.load((tmp_path / "run" / "round.cwl").read_text())["steps"]
+    assert steps["train_leonardo"]["in"]["deadline"] == {"default": 7200}
+    assert steps["train_lumi"]["in"]["deadline"] == {"default": 86400}
+    assert "$(present(inputs.left_out" in steps["train_lumi"]["when"]
+    assert steps["aggregate"]["in"]["statuses"]["pickValue"] == "all_non_null"
+    assert steps["aggregate"]["in"]["weights"] == {"default": ["leonardo=3", "lumi=1"]}
+    config = yaml.load((tmp_path / "run" / "streamflow.yml").read_text())
+    assert config["failureManager"] == {
+        "enabled": True,
+        "type": "default",
+        "config": {"max_retries": 4, "retry_delay": 30},
+    }
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("rounds: 2\n", 'rounds: 2\nround_deadline: "1:xx"\n', "round_deadline: must be an integer"),
+        ("rounds: 2\n", "rounds: 2\nround_deadline: 0\n", "round_deadline: must be at least 1"),
+        ("rounds: 2\n", "rounds: 2\nrecovery: {{retries: -1}}\n", "recovery.retries: must be at least 0"),
+        ("rounds: 2\n", "rounds: 2\nrecovery: {{retry: 3}}\n", "recovery.retry: unknown key"),
+        (
+            "    dataset: {data}/lumi\n",
+            "    dataset: {data}/lumi\n    round_deadline: soon\n",
+            "facilities[1].round_deadline: must be an integer",
+        ),
+    ],
+)
+def test_fault_tolerance_mistakes_are_one_line(write, old, new, message):
+    with pytest.raises(InputError) as info:
+        load_federation(write(GOOD.replace(old, new)))
+    assert message in str(info.value) and "\n" not in str(info.value)

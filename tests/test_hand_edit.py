@@ -45,8 +45,9 @@ def edited_run(tmp_path_factory, demo_assets):
         doc["steps"].insert(2, f"train_{new}", block)
         # 2. declare its dataset input
         doc["inputs"][f"dataset_{new}"] = copy.deepcopy(doc["inputs"]["dataset_lumi"])
-        # 3. add its update to the aggregator's sources
+        # 3. add its update and its status record to the aggregator's sources
         doc["steps"]["aggregate"]["in"]["updates"]["source"].append(f"train_{new}/update")
+        doc["steps"]["aggregate"]["in"]["statuses"]["source"].append(f"train_{new}/status")
 
     def main_cwl(doc):
         # 4. declare the dataset in main.cwl and pass it to the loop
@@ -80,26 +81,3 @@ def test_add_a_third_facility_by_hand(edited_run):
     history = [json.loads(line) for line in (run / "out" / "history.jsonl").read_text().splitlines()]
     assert set(history[-1]["facilities"]) == {"leonardo", "lumi", new}
     assert list((run / "work" / new).glob(f"*/{new}/update.json"))
-
-
-def test_resume_from_the_last_round_as_the_readme_says(edited_run):
-    run, _new, _, first = edited_run
-    assert first.returncode == 0
-    out = run / "out"
-
-    def resume(doc):
-        doc["model"] = {"class": "Directory", "path": str(out / "model")}
-        doc["state"] = {"class": "Directory", "path": str(out / "state")}
-        doc["first_round"] = 2
-        doc["rounds"] = 2
-
-    _edit(run / "inputs.yml", resume)
-    proc = run_cli("run", run, "--outdir", run / "out2", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    history = [json.loads(line) for line in (run / "out2" / "history.jsonl").read_text().splitlines()]
-    assert [h["round"] for h in history] == [1, 2]
-    assert history[0]["eval_loss"] == pytest.approx(
-        json.loads((out / "history.jsonl").read_text().splitlines()[-1])["eval_loss"]
-    )
-    summary = json.loads((run / "out2" / "model" / "aggregate.json").read_text())
-    assert summary["round"] == 2 and summary["state_step"] == 2  # the server momentum carried on

@@ -99,11 +99,11 @@ HOSTILE_LINES = [
 def test_hostile_tool_output_never_crashes_the_supervisor():
     from pathlib import Path
 
+    from xffl_cwl.execution.progress import Progress
     from xffl_cwl.execution.run_folder import RunFolder
-    from xffl_cwl.execution.supervisor import _Progress
 
     said: list[str] = []
-    progress = _Progress(RunFolder(Path("."), Path("main.cwl"), Path("inputs.yml"), {}, [], []), 1, 2, said.append)
+    progress = Progress(RunFolder(Path("."), Path("main.cwl"), Path("inputs.yml"), {}, [], []), 1, 2, said.append)
     parser = LogParser()
     for line in HOSTILE_LINES:
         for event in parser.feed(f"2026-12-01 10:00:00.000 INFO     {line}\n") + parser.feed(line + "\n"):

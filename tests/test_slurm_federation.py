@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+from test_interruptions import _processes_of
 
-from conftest import jobcomp, place_dataset, run_cli, slurm_facility_yaml
+from conftest import REPO, jobcomp, place_dataset, restart_sshd, run_cli, slurm_facility_yaml, squeue, wait_until
 from xffl_cwl.federation import load_federation
 from xffl_cwl.generator import generate
 
@@ -28,32 +31,51 @@ def _federation(path: Path, demo_assets, entries: str, rounds: int = 2, steps: i
     return path
 
 
-def _squeue(facility: dict) -> list[str]:
-    proc = subprocess.run(
-        ["squeue", "-h", "-o", "%i %j"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SLURM_CONF": facility["slurm_conf"]},
-    )
-    return [line for line in proc.stdout.splitlines() if "xffl" in line]
-
-
 @pytest.fixture(scope="module")
 def datasets(facilities, demo_assets):
     return {name: place_dataset(facilities["by_name"][name], demo_assets.datasets[name]) for name in FACILITIES}
 
 
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xffl_cwl.cli", "run", str(run_dir), *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _running(facility: dict, round_number: int) -> bool:
+    return any(line.endswith(f"-round{round_number}") for line in squeue(facility))
+
+
 @pytest.fixture(scope="module")
 def slurm_run(facilities, demo_assets, datasets, tmp_path_factory):
+    """Two rounds on the two clusters; lumi's login node drops every SSH connection while its round-1 job
+    runs (its sshd is killed and started again): the connector retries and the run goes on."""
     root = tmp_path_factory.mktemp("hpc")
     entries = "".join(slurm_facility_yaml(facilities, name, datasets[name]) for name in FACILITIES)
     federation = _federation(root / "federation.yml", demo_assets, entries)
     generate(load_federation(federation), root / "run")
     before = {name: len(jobcomp(facilities["by_name"][name])) for name in FACILITIES}
-    proc = run_cli("run", root / "run", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _start(root / "run")
+    try:
+        wait_until(lambda: _running(facilities["by_name"]["lumi"], 1) or proc.poll() is not None, 120, "lumi's job")
+        restart_sshd(facilities["by_name"]["lumi"])
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
     new_jobs = {name: jobcomp(facilities["by_name"][name])[before[name] :] for name in FACILITIES}
-    return {"root": root, "run": root / "run", "federation": federation, "proc": proc, "jobs": new_jobs}
+    return {"root": root, "run": root / "run", "federation": federation, "stderr": err, "jobs": new_jobs}
+
+
+def test_a_dropped_ssh_connection_is_retried(slurm_run):
+    log = (slurm_run["run"] / "streamflow.log").read_text()
+    # StreamFlow's SSH layer reconnects (its `retries`); what it gives up on, the connector retries with back-off
+    dropped = [
+        line for line in log.splitlines() if " WARNING " in line and ("2223" in line or "deployment lumi" in line)
+    ]
+    assert any("connection closed" in line.lower() or "trying again" in line for line in dropped), dropped
+    assert "left out" not in log and "left out" not in slurm_run["stderr"]
 
 
 def test_two_rounds_complete_on_slurm(slurm_run):
@@ -71,17 +93,17 @@ def test_every_training_step_was_a_slurm_job_on_its_own_cluster(slurm_run, facil
     for name in FACILITIES:
         facility = facilities["by_name"][name]
         jobs = {job["Name"]: job for job in slurm_run["jobs"][name]}
-        assert sorted(jobs) == [f"xffl-train_{name}-0.0", f"xffl-train_{name}-0.1"], jobs.keys()
+        assert sorted(jobs) == [f"xffl-train_{name}-0.0-round1", f"xffl-train_{name}-0.1-round2"], jobs.keys()
         for job in jobs.values():
             assert job["JobState"] == "COMPLETED"
             assert job["UserId"].startswith(facility["username"] + "(")
             assert job["WorkDir"].startswith(facility["workdir"] + "/")
             assert job["NodeList"] == facility["node"]
-        for iteration in ("0.0", "0.1"):
+        for round_number, iteration in ((1, "0.0"), (2, "0.1")):
             scheduled = re.search(
                 rf"Scheduled job /federation/train_{name}/{iteration} with job id (\d+) on {name}", log
             )
-            assert scheduled and scheduled[1] == jobs[f"xffl-train_{name}-{iteration}"]["JobId"]
+            assert scheduled and scheduled[1] == jobs[f"xffl-train_{name}-{iteration}-round{round_number}"]["JobId"]
         # the data stayed on the facility: the train job read it from its own home, not from here
         assert re.search(
             rf"COPYING from {re.escape(facility['home'])}/data/{name} to {re.escape(facility['workdir'])}/\S+ on location {name}/",
@@ -126,7 +148,7 @@ def good_run(facilities, demo_assets, datasets, tmp_path):
     generate(load_federation(federation), tmp_path / "run")
 
     def counts():
-        return [len(jobcomp(facilities["by_name"][n])) + len(_squeue(facilities["by_name"][n])) for n in FACILITIES]
+        return [len(jobcomp(facilities["by_name"][n])) + len(squeue(facilities["by_name"][n])) for n in FACILITIES]
 
     return tmp_path / "run", counts
 
@@ -213,30 +235,53 @@ def test_unknown_host_key_fails_check_with_a_fix(facilities, demo_assets, datase
     assert ("lumi", "login", "ok") in rows and ("lumi", "workdir", "ok") in rows
 
 
-def test_a_failing_facility_is_named_and_the_others_jobs_are_cancelled(facilities, demo_assets, datasets, tmp_path):
-    lumi = facilities["by_name"]["lumi"]
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"text": "fine"}\n{not json\n')
-    broken_on_lumi = place_dataset(lumi, broken)
-    # leonardo trains for long enough to be still running when lumi fails
-    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]) + slurm_facility_yaml(
-        facilities, "lumi", broken_on_lumi
-    )
-    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1, steps=3000)
-    generate(load_federation(federation), tmp_path / "run")
-    before = len(jobcomp(facilities["by_name"]["leonardo"]))
-    started = time.monotonic()
-    proc = run_cli("run", tmp_path / "run", timeout=300)
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 1 and elapsed < 90, (elapsed, proc.stderr[-2000:])
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("xffl-cwl run: error: facility lumi failed in round 1/1: ")
-    assert "broken.jsonl:2 is not valid JSON" in last  # read from the job's log on the facility
-    assert re.search(rf"read lumi:{re.escape(lumi['workdir'])}/\S+/train\.log$", last)
-    deadline = time.monotonic() + 15
-    while _squeue(facilities["by_name"]["leonardo"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _squeue(facilities["by_name"]["leonardo"]) == []
-    leonardo_jobs = jobcomp(facilities["by_name"]["leonardo"])[before:]
-    assert [(j["Name"], j["JobState"]) for j in leonardo_jobs] == [("xffl-train_leonardo-0.0", "CANCELLED")]
-    shutil.rmtree(Path(broken_on_lumi).parent / broken.name, ignore_errors=True)
+def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_model(facilities, slurm_run, tmp_path):
+    """SIGTERM while round 1's jobs run: within 30 s no StreamFlow, no tool and no SLURM job of the run
+    remains; --resume; the orchestrator SIGKILLed while round 2's jobs run (they are left on the clusters);
+    --resume cancels them from the job journal, trains round 2 again and never round 1, and the model is
+    that of the uninterrupted run bit for bit."""
+    clusters = [facilities["by_name"][name] for name in FACILITIES]
+    generate(load_federation(slurm_run["federation"]), tmp_path / "run")
+    run_dir = tmp_path / "run"
+    before = {name: len(jobcomp(facilities["by_name"][name])) for name in FACILITIES}
+    proc = _start(run_dir)
+    try:
+        wait_until(lambda: all(_running(c, 1) for c in clusters) or proc.poll() is not None, 180, "round 1's jobs")
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+        wait_until(lambda: not any(squeue(c) for c in clusters) and not _processes_of(run_dir), 30, "nothing left")
+        clean_after = time.monotonic() - stopped
+        assert clean_after < 30
+        assert f"Resume with: xffl-cwl run {run_dir} --resume" in err
+
+        proc = _start(run_dir, "--resume")
+        wait_until(lambda: all(_running(c, 2) for c in clusters) or proc.poll() is not None, 240, "round 2's jobs")
+        # the machine running StreamFlow dies: the orchestrator and StreamFlow, with no chance to clean up
+        for pid in [proc.pid] + [int(p.split(":")[0]) for p in _processes_of(run_dir)]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        left = [line for c in clusters for line in squeue(c)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    resuming = time.monotonic()
+    resumed = run_cli("run", run_dir, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "attempt 3: from round 2" in resumed.stderr
+    print(f"SIGTERM: nothing left after {clean_after:.1f} s; resume after SIGKILL: {time.monotonic() - resuming:.1f} s")
+    assert left, "the killed run left its round-2 jobs on the clusters"
+    # the resume found them in the job journal (those that had not finished meanwhile are cancelled)
+    assert re.search(r"(leonardo|lumi): (cancelled SLURM job\(s\) \d+|no job left in the queue)", resumed.stderr)
+    assert not any(squeue(c) for c in clusters)
+    for name in FACILITIES:
+        jobs = [
+            (j["Name"].rsplit("-", 1)[1], j["JobState"]) for j in jobcomp(facilities["by_name"][name])[before[name] :]
+        ]
+        completed = [r for r, state in jobs if state == "COMPLETED"]
+        assert completed.count("round1") == 1, jobs  # round 1 was trained once to the end, never again
+        assert completed[-1] == "round2" and jobs[0] == ("round1", "CANCELLED"), jobs
+    ours = load_file(str(run_dir / "out" / "model" / "model.safetensors"))
+    theirs = load_file(str(slurm_run["run"] / "out" / "model" / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs) and all((ours[k] == theirs[k]).all() for k in ours), "not bit for bit"

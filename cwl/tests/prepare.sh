@@ -12,4 +12,5 @@ for facility in leonardo lumi; do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+printf '{"text": "fine"}\n{not json\n' >"$out/broken.jsonl"  # for the train_failed case
 echo "cwltest data ready in $out"

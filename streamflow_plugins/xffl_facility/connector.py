@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import os
 import re
 import shlex
 import time
@@ -38,11 +40,13 @@ from streamflow.deployment.connector.ssh import SSHConnector, SSHContext
 from streamflow.log_handler import logger
 
 from xffl_cwl.contract.facility import FacilityConfig, facility_problems
+from xffl_cwl.contract.layout import DEADLINE_ENV, STATE_DIR_NAME, STATUS_FILE_ENV, STATUS_SUFFIX
 from xffl_cwl.facility.ssh import Login, connect_options, explain
 from xffl_cwl.facility.templates import TemplateError, effective_runtime, job_variables, load_template
 
 STDOUT = asyncio.subprocess.STDOUT
 ACTIVE_STATES = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQUEUED,SIGNALING,STAGE_OUT"
+CANCEL_SETTLE_SECONDS = 10
 FAILED_STATES = ("TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
@@ -62,10 +66,42 @@ def _context_class(login: Login) -> type[SSHContext]:
     return type("FacilitySSHContext", (FacilitySSHContext,), {"login": login})
 
 
-def _slurm_job_name(job_name: str) -> str:
-    """`/federation/train_leonardo/0.1` -> `xffl-train_leonardo-0.1`: readable in squeue and sacct."""
+TRANSIENT = ("timed out", "temporarily", "try again", "unable to contact", "connection refused", "busy")
+
+
+def _transient(output: str) -> bool:
+    """sbatch's words for a controller that is busy, not for a job that is wrong."""
+    text = output.lower()
+    return any(word in text for word in TRANSIENT)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value else 0.0
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
+
+
+def _identity(command: MutableSequence[str], status_file: str) -> tuple[str, int]:
+    """(facility, round) of a train job, from its own command line (the status file names the facility too)."""
+    facility = status_file[: -len(STATUS_SUFFIX)] if status_file.endswith(STATUS_SUFFIX) else status_file
+    round_number = 0
+    words = [str(w) for w in command]
+    for flag, i in ((w, i) for i, w in enumerate(words[:-1])):
+        if flag == "--round" and words[i + 1].isdigit():
+            round_number = int(words[i + 1])
+        elif flag == "--facility":
+            facility = words[i + 1]
+    return facility, round_number
+
+
+def _slurm_job_name(job_name: str, round_number: int = 0) -> str:
+    """`/federation/train_leonardo/0.1` of round 2 -> `xffl-train_leonardo-0.1-round2`: squeue and sacct
+    say which round a job trained, also across resumed runs (whose loop iterations count from 0 again)."""
     parts = [p for p in job_name.split("/") if p][-2:]
-    return "xffl-" + re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))[:60]
+    name = "xffl-" + re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))[:60]
+    return f"{name}-round{round_number}" if round_number else name
 
 
 class XfflFacilityConnector(SSHConnector):
@@ -116,6 +152,7 @@ class XfflFacilityConnector(SSHConnector):
         self.maxConcurrentJobs = facility.max_concurrent_jobs
         self.pollingInterval = facility.polling_interval
         self._jobs: dict[str, ExecutionLocation] = {}
+        self._journal_path = Path(config_dir) / STATE_DIR_NAME / "jobs" / f"{deployment_name}.jsonl"
         self._poll_lock = asyncio.Lock()
         self._polled_at = float("-inf")
         self._active: set[str] = set()
@@ -169,21 +206,48 @@ class XfflFacilityConnector(SSHConnector):
             self.__class__.__name__, command, environment, workdir, stdin, stdout, stderr
         )
         job_dir = workdir or "."
-        command_file = f"{job_dir}/.xffl-job-{_slurm_job_name(job_name)}.sh"
+        environment = environment or {}
+        status_file = environment.get(STATUS_FILE_ENV)
+        facility, round_number = _identity(command, status_file or "")
+        slurm_name = _slurm_job_name(job_name, round_number)
+        command_file = f"{job_dir}/.xffl-job-{slurm_name}.sh"
         script = self.job_script(command_file)
-        job_id = await self._submit(location, script, job_command, command_file, job_name, job_dir, timeout)
+        deadline = _seconds(environment.get(DEADLINE_ENV))
+        job_id = await self._submit(
+            location, script, job_command, command_file, job_name, job_dir, timeout, round_number
+        )
+        submitted = time.monotonic()
+        expired = False
         try:
-            await self._wait(location, job_id)
+            expired = await self._wait(location, job_id, submitted + deadline if deadline else None)
         except asyncio.CancelledError:
             await self._cancel(location, [job_id])
             raise
         finally:
             self._jobs.pop(job_id, None)
-        returncode = await self._exit_code(location, job_id)
+        state, returncode = await self._exit_code(location, job_id)
+        self._journal("ended", job_id=job_id, state=state, exit_code=returncode)
+        if status_file and (expired or returncode != 0):
+            # The job keeps its own account of a failed round; when SLURM ended it (time limit, node failure,
+            # the deadline) that account is missing or says less, so it is written here. The step succeeds.
+            if expired:
+                status, reason = (
+                    "deadline",
+                    f"SLURM job {job_id} did not end within the {deadline:g} s round deadline (queue wait included) "
+                    f"and was cancelled (state {state})",
+                )
+            else:
+                status, reason = "failed", f"SLURM job {job_id} ended {state} (exit code {returncode})"
+            await self._write_status(
+                location, f"{job_dir}/{status_file}", facility, round_number, status, reason, returncode
+            )
+            returncode = 0
         output = ""
         if stdout == STDOUT:
-            output, _ = await self._shell(
-                location, ["cat", shlex.quote(f"{job_dir}/.xffl-slurm-{job_id}.out"), "2>/dev/null", "||", "true"]
+            output, _ = await self._retrying(
+                location,
+                ["cat", shlex.quote(f"{job_dir}/.xffl-slurm-{job_id}.out"), "2>/dev/null", "||", "true"],
+                "read the job's output",
             )
         return output.strip(), returncode
 
@@ -196,7 +260,14 @@ class XfflFacilityConnector(SSHConnector):
         return self.template.render(f"bash {shlex.quote(command_file)}", self.variables)
 
     def submission(
-        self, script: str, job_command: str, command_file: str, job_name: str, job_dir: str, timeout: int | None
+        self,
+        script: str,
+        job_command: str,
+        command_file: str,
+        job_name: str,
+        job_dir: str,
+        timeout: int | None,
+        round_number: int = 0,
     ) -> list[str]:
         """The login-node shell command that writes the command file and submits the script: only
         base64 text and shell-quoted words, so no part of either can act on the login node."""
@@ -210,7 +281,7 @@ class XfflFacilityConnector(SSHConnector):
             *self.flags,
         ]
         if self.facility.sbatch.job_name is None:
-            options.append(f"--job-name={_slurm_job_name(job_name)}")
+            options.append(f"--job-name={_slurm_job_name(job_name, round_number)}")
         if timeout:
             options.append(f"--time={utils.format_seconds_to_hhmmss(timeout)}")
         return [
@@ -228,9 +299,18 @@ class XfflFacilityConnector(SSHConnector):
         job_name: str,
         job_dir: str,
         timeout: int | None,
+        round_number: int,
     ) -> str:
-        command = self.submission(script, job_command, command_file, job_name, job_dir, timeout)
-        output, returncode = await self._shell(location, command)
+        command = self.submission(script, job_command, command_file, job_name, job_dir, timeout, round_number)
+        output, returncode = await self._retrying(location, command, "submit the job")
+        for delay in (5, 15, 45):  # a busy controller refuses for a while ("Socket timed out", ...)
+            if returncode == 0 or not _transient(output):
+                break
+            logger.warning(
+                f"deployment {self.deployment_name}: sbatch refused job {job_name} ({output.strip()[:200]}); trying again in {delay} s"
+            )
+            await asyncio.sleep(delay)
+            output, returncode = await self._retrying(location, command, "submit the job")
         if returncode != 0:
             raise WorkflowExecutionException(
                 f"deployment {self.deployment_name}: sbatch refused job {job_name}: {output.strip()}"
@@ -241,22 +321,81 @@ class XfflFacilityConnector(SSHConnector):
                 f"deployment {self.deployment_name}: sbatch answered {output.strip()!r} for job {job_name}"
             )
         self._jobs[job_id] = location
+        self._journal("submitted", job_id=job_id, job_name=job_name, workdir=job_dir)
         if logger.isEnabledFor(logging.INFO):
             logger.info(f"Scheduled job {job_name} with job id {job_id} on {self.deployment_name}")
         return job_id
 
-    async def _wait(self, location: ExecutionLocation, job_id: str) -> None:
+    async def _retrying(self, location: ExecutionLocation, command: list[str], what: str) -> tuple[str, int]:
+        """A login-node command, tried again with back-off while the facility cannot be reached."""
+        delay = max(1.0, float(self.facility.retry_delay))
+        started = time.monotonic()
+        while True:
+            try:
+                return await self._shell(location, command)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a dropped connection, a refused session: the facility may come back
+                waited = time.monotonic() - started
+                if waited + delay > self.facility.unreachable_timeout:
+                    raise WorkflowExecutionException(
+                        f"deployment {self.deployment_name}: could not {what} for {waited:.0f} s: {exc}"
+                    ) from exc
+                logger.warning(
+                    f"deployment {self.deployment_name}: could not {what} ({exc}); trying again in {delay:.0f} s"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _journal(self, event: str, **fields: Any) -> None:
+        """Every job submitted and ended, in the run folder: what a killed orchestrator left can be found."""
+        try:
+            self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._journal_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"event": event, "at": time.time(), **fields}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            logger.warning(f"deployment {self.deployment_name}: cannot write the job journal: {exc}")
+
+    async def _write_status(
+        self,
+        location: ExecutionLocation,
+        path: str,
+        facility: str,
+        round_number: int,
+        status: str,
+        reason: str,
+        code: int,
+    ) -> None:
+        record = {"format": "xffl-train-status", "version": 1, "facility": facility, "round": round_number}
+        record |= {"status": status, "reason": reason, "seconds": None, "exit_code": code}
+        encoded = base64.b64encode(json.dumps(record).encode()).decode()
+        await self._retrying(
+            location, ["echo", encoded, "|", "base64", "-d", ">", shlex.quote(path)], "write the job's status"
+        )
+        logger.warning(f"facility {self.deployment_name} is left out of round {round_number}: {reason}")
+
+    async def _wait(self, location: ExecutionLocation, job_id: str, deadline_at: float | None) -> bool:
+        """Until the job leaves the queue; True if it was cancelled because it passed its deadline."""
         while True:
             await asyncio.sleep(self.pollingInterval)
+            if deadline_at is not None and time.monotonic() > deadline_at:
+                await self._cancel(location, [job_id])
+                settle_by = time.monotonic() + CANCEL_SETTLE_SECONDS  # a dead node holds it COMPLETING
+                while job_id in await self._active_jobs(location) and time.monotonic() < settle_by:
+                    await asyncio.sleep(self.pollingInterval)
+                return True
             if job_id not in await self._active_jobs(location):
-                return
+                return False
 
     async def _active_jobs(self, location: ExecutionLocation) -> set[str]:
-        """One squeue per polling interval for all of this facility's jobs."""
+        """One squeue per polling interval for all of this facility's jobs (a dropped connection is retried)."""
         async with self._poll_lock:
             if time.monotonic() - self._polled_at >= self.pollingInterval * 0.9 and self._jobs:
-                output, returncode = await self._shell(
-                    location, ["squeue", "-h", "-o", "%i", "-t", ACTIVE_STATES, "-j", ",".join(self._jobs)]
+                ids = ",".join(self._jobs)
+                output, returncode = await self._retrying(
+                    location, ["squeue", "-h", "-o", "%i", "-t", ACTIVE_STATES, "-j", ids], "poll the queue"
                 )
                 if returncode != 0 and "Invalid job id" not in output:
                     raise WorkflowExecutionException(
@@ -266,10 +405,13 @@ class XfflFacilityConnector(SSHConnector):
                 self._polled_at = time.monotonic()
             return set(self._active)
 
-    async def _exit_code(self, location: ExecutionLocation, job_id: str) -> int:
-        output, returncode = await self._shell(location, ["scontrol", "show", "-o", "job", job_id])
+    async def _exit_code(self, location: ExecutionLocation, job_id: str) -> tuple[str, int]:
+        """(SLURM state, exit code); a job SLURM ended (timeout, node failure, ...) never reads as 0."""
+        output, returncode = await self._retrying(
+            location, ["scontrol", "show", "-o", "job", job_id], "read the job's state"
+        )
         if returncode != 0 or "ExitCode=" not in output:
-            output, returncode = await self._shell(
+            output, returncode = await self._retrying(
                 location,
                 [
                     "sacct",
@@ -284,6 +426,7 @@ class XfflFacilityConnector(SSHConnector):
                     "sed",
                     "'s/^\\([^|]*\\)|/JobState=\\1 ExitCode=/'",
                 ],
+                "read the job's state",
             )
         state = re.search(r"JobState=(\S+)", output)
         code = re.search(r"ExitCode=(\d+):(\d+)", output)
@@ -292,15 +435,16 @@ class XfflFacilityConnector(SSHConnector):
                 f"deployment {self.deployment_name}: cannot read the exit code of SLURM job {job_id}: {output.strip()[:200]}"
             )
         exit_code, signal = int(code[1]), int(code[2])
-        job_state = state[1] if state else "UNKNOWN"
-        if exit_code == 0 and (signal or job_state.split()[0] in FAILED_STATES):
+        job_state = state[1].split()[0] if state else "UNKNOWN"
+        if exit_code == 0 and (signal or job_state in FAILED_STATES):
             logger.warning(f"SLURM job {job_id} on {self.deployment_name} ended {job_state} (signal {signal})")
-            return 128 + signal if signal else 1
-        return exit_code
+            return job_state, 128 + signal if signal else 1
+        return job_state, exit_code
 
     async def _cancel(self, location: ExecutionLocation, job_ids: list[str]) -> None:
         if job_ids:
             await self._shell(location, ["scancel", *job_ids])
+            self._journal("cancelled", job_ids=list(job_ids))
             if logger.isEnabledFor(logging.INFO):
                 logger.info(f"Cancelled SLURM jobs {', '.join(job_ids)} on {self.deployment_name}")
 

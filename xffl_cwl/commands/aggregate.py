@@ -41,6 +41,14 @@ def named_numbers(flag: str, values: tuple[str, ...]) -> dict[str, float]:
 @click.option(
     "--weight", "weights", multiple=True, help="NAME=W: fixed relative weights, instead of samples or tokens."
 )
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=_dir,
+    help="A train step's <facility>.status.json (repeat): a facility whose round did not end ok is left out.",
+)
+@click.option("--left-out", multiple=True, help="NAME@ROUND: REASON: the orchestrator left NAME out of that round.")
 @click.option("--state", type=_dir, help="Server-optimizer state directory of the previous round.")
 @click.option("--state-out", type=_dir, help="Where to write the new state (default: OUT/state).")
 @click.option("--round", "round_", type=int, help="Round being aggregated; updates for other rounds are rejected.")
@@ -51,6 +59,8 @@ def aggregate_command(
     out: Path,
     max_weight: tuple[str, ...],
     weights: tuple[str, ...],
+    statuses: tuple[Path, ...],
+    left_out: tuple[str, ...],
     state: Path | None,
     state_out: Path | None,
     round_: int | None,
@@ -78,6 +88,8 @@ def aggregate_command(
         chunk_elems,
         named_numbers("--max-weight", max_weight),
         named_numbers("--weight", weights),
+        list(statuses),
+        list(left_out),
     )
     r = aggregate(cfg)
     event = Event(
@@ -87,5 +99,6 @@ def aggregate_command(
         samples=r.samples,
         update_norm=r.update_norm,
         rejected=r.rejected,
+        left_out=r.left_out,
     )
     click.echo(event.line())

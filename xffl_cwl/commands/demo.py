@@ -28,5 +28,5 @@ def demo_command(workdir: Path, facilities: int, rounds: int, steps: int, timeou
     result = run_demo(workdir, facilities, rounds, steps, say=say, timeout=timeout)
     report(result, workdir / "run")
     click.echo(
-        f"edit {workdir / 'federation.yml'}, then: xffl-cwl generate {workdir / 'federation.yml'} -o {workdir / 'run'} --force && xffl-cwl run {workdir / 'run'}"
+        f"edit {workdir / 'federation.yml'}, then: xffl-cwl generate {workdir / 'federation.yml'} -o {workdir / 'run'} --force && xffl-cwl run {workdir / 'run'} --force"
     )

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from xffl_cwl.commands.options import settings_from, settings_options
-from xffl_cwl.contract.options import DEVICES, TrainOptions
+from xffl_cwl.contract.layout import DEADLINE_ENV, STATUS_FILE_ENV
+from xffl_cwl.contract.options import DEVICES, TrainOptions, tool_params
 
 _dir = click.Path(path_type=Path)
+
+
+def _deadline(value: str | None) -> float | None:
+    from xffl_cwl.errors import InputError
+
+    if value in (None, "", "0"):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 10**9:
+        raise InputError(f"--deadline must be a positive number of seconds (0: none), got {value!r:.40}")
+    return seconds
 
 
 @click.command("train")
@@ -23,10 +39,42 @@ _dir = click.Path(path_type=Path)
 @settings_options(TrainOptions)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--status",
+    type=_dir,
+    default=lambda: os.environ.get(STATUS_FILE_ENV) or None,
+    help=f"Record how the round ended in this file and exit 0 even if the training fails (the facility is then left "
+    f"out of the round); default ${STATUS_FILE_ENV}.",
+)
+@click.option(
+    "--deadline",
+    default=lambda: os.environ.get(DEADLINE_ENV) or None,
+    help=f"With --status: stop the training after this many seconds (0: never); default ${DEADLINE_ENV}.",
+)
 def train_command(
-    model: Path, dataset: Path, out: Path, facility: str, round_: int, device: str, no_progress: bool, **settings
+    model: Path,
+    dataset: Path,
+    out: Path,
+    facility: str,
+    round_: int,
+    device: str,
+    no_progress: bool,
+    status: Path | None,
+    deadline: str | None,
+    **settings,
 ) -> None:
     """Fine-tune the global model on this facility's data and write the update."""
+    if status is not None:
+        from xffl_cwl.learning.launcher import run_guarded
+
+        child = ["--model", str(model), "--dataset", str(dataset), "--out", str(out), "--facility", facility]
+        child += ["--round", str(round_), "--device", device] + (["--no-progress"] if no_progress else [])
+        for p in tool_params(TrainOptions):
+            if settings[p.name] is not None:
+                child += [p.flag, str(settings[p.name])]
+        code = run_guarded(child, status, facility, round_, _deadline(deadline), out, click.echo)
+        raise SystemExit(code)
+
     from xffl_cwl.contract.records import Event
     from xffl_cwl.learning.train import TrainConfig, train
 

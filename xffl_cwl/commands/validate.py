@@ -12,12 +12,12 @@ import click
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--no-runners", is_flag=True, help="Skip `cwltool --validate` and `streamflow run --validate`.")
 def validate_command(run_dir: Path, no_runners: bool) -> None:
-    """Check bindings against the workflow's steps, then ask cwltool and StreamFlow."""
-    from xffl_cwl.execution.run_folder import check_bindings, read_run_folder, step_paths
+    """Check bindings, inputs and the aggregate step's wiring, then ask cwltool and StreamFlow."""
+    from xffl_cwl.execution.run_folder import check_run_folder, read_run_folder, step_paths
 
     folder = read_run_folder(run_dir)
     paths = step_paths(folder.main)
-    problems = check_bindings(folder, paths)
+    problems = check_run_folder(folder)
     if not problems and not no_runners:
         from xffl_cwl.execution.runners import cwltool_validate, streamflow_validate
 

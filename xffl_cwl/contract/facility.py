@@ -146,6 +146,7 @@ class FacilityConfig:
     connect_timeout: int = 30
     retries: int = 3
     retry_delay: int = 5
+    unreachable_timeout: int = 600  # seconds a facility may stay unreachable before its job counts as lost
     max_concurrent_sessions: int = 10
     transfer_buffer_size: int = 2**16
 

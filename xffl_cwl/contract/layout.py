@@ -33,9 +33,19 @@ DATASET_INPUT_PREFIX = "dataset_"
 
 # The StreamFlow plugin's deployment type
 FACILITY_CONNECTOR = "xffl-facility"
+# A job that records its own outcome names the file in this variable; the plugin then writes that
+# record itself when SLURM ends the job (timeout, node failure, deadline), and reports success.
+STATUS_FILE_ENV = "XFFL_STATUS_FILE"
+DEADLINE_ENV = "XFFL_DEADLINE"  # seconds from a job's submission to its end, queue wait included
+
+# State `xffl-cwl run` keeps in a run folder: the lock, the attempts, completed rounds, job journals
+STATE_DIR_NAME = ".xffl"
+RESUME_INPUTS = "inputs.resume.yml"
+RESUME_STREAMFLOW = "streamflow.resume.yml"
 
 # What the tools write
 UPDATE_JSON = "update.json"
+STATUS_SUFFIX = ".status.json"  # <facility>.status.json: how a train step's round ended (records.TrainStatus)
 AGGREGATE_JSON = "aggregate.json"
 HISTORY_JSONL = "history.jsonl"
 STATE_DIR = "state"
@@ -53,6 +63,10 @@ def train_step_id(facility: str) -> str:
 
 def dataset_input_id(facility: str) -> str:
     return DATASET_INPUT_PREFIX + facility
+
+
+def status_file(facility: str) -> str:
+    return facility + STATUS_SUFFIX
 
 
 def local_workdir(deployment: str) -> str:

@@ -199,6 +199,50 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A facility that sent no update this round (its training failed, ran past its deadline, or its
+    facility could not be reached), and why."""
+
+    facility: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainStatus:
+    """status.json of a train step: how the facility's round ended. `ok` comes with an update; any
+    other status means the facility is left out of the round and the step still succeeds."""
+
+    FORMAT: ClassVar[str] = "xffl-train-status"
+    STATUSES: ClassVar[tuple[str, ...]] = ("ok", "failed", "deadline", "lost")
+
+    facility: str
+    round: int
+    status: str
+    reason: str = ""
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": 1, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, value: Any) -> TrainStatus:
+        """Strict: a status comes from the facility, like its update."""
+        d = _obj(value, "status.json")
+        if d.get("format") != cls.FORMAT:
+            raise _fail("status.json format", f"must be {cls.FORMAT!r}, got {_short(d.get('format'))}")
+        status = d.get("status")
+        if status not in cls.STATUSES:
+            raise _fail("status.json status", f"must be one of {', '.join(cls.STATUSES)}, got {_short(status)}")
+        return cls(
+            facility=_str(d.get("facility"), "status.json facility", 64),
+            round=_int(d.get("round"), "status.json round"),
+            status=status,
+            reason=_str(d.get("reason", ""), "status.json reason", 2000),
+            seconds=_opt(_num, d.get("seconds"), "status.json seconds", 0),
+        )
+
+
+@dataclass(frozen=True)
 class AggregateRecord:
     """aggregate.json: how one round's global model was made."""
 
@@ -212,6 +256,7 @@ class AggregateRecord:
     weighting: str
     facilities: dict[str, FacilitySummary]
     rejected: list[Rejection]
+    left_out: list[LeftOut]
     samples: int
     tokens: int
     update_norm: float
@@ -249,11 +294,12 @@ class RoundRecord:
     rejected: list[Rejection] = field(default_factory=list)
     update_norm: float | None = None
     fingerprint: str | None = None
+    left_out: list[LeftOut] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         if self.strategy is None:  # the baseline: nothing was aggregated
-            for key in ("strategy", "facilities", "rejected", "update_norm", "fingerprint"):
+            for key in ("strategy", "facilities", "rejected", "update_norm", "fingerprint", "left_out"):
                 data.pop(key)
         if self.eval_tokens is None:
             data.pop("eval_tokens")
@@ -278,6 +324,11 @@ class RoundRecord:
                 rejected.append(
                     Rejection(str(r.get("facility", "?")), str(r.get("update", "?")), str(r.get("reason", "?")))
                 )
+        left_out = [
+            LeftOut(str(r.get("facility", "?"))[:64], str(r.get("reason", "?"))[:500])
+            for r in (d.get("left_out") if isinstance(d.get("left_out"), list) else [])
+            if isinstance(r, dict)
+        ]
         round_number = _lenient(_int, d.get("round"))
         if round_number is None:
             raise _fail(where, "has no round number")
@@ -290,6 +341,7 @@ class RoundRecord:
             rejected=rejected,
             update_norm=_lenient(_num, d.get("update_norm")),
             fingerprint=d.get("fingerprint") if isinstance(d.get("fingerprint"), str) else None,
+            left_out=left_out,
         )
 
 
@@ -304,7 +356,7 @@ def _lenient(check, value: Any) -> Any:
 class Event:
     """A tool's one-line summary on stdout; `event` says which tool wrote it."""
 
-    event: str  # trained | aggregated | evaluated
+    event: str  # trained | left_out | aggregated | evaluated
     round: int | None = None
     facility: str | None = None
     steps: int | None = None
@@ -315,8 +367,10 @@ class Event:
     strategy: str | None = None
     update_norm: float | None = None
     rejected: list[Rejection] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    reason: str | None = None  # left_out: why this facility sent no update
 
-    KINDS: ClassVar[tuple[str, ...]] = ("trained", "aggregated", "evaluated")
+    KINDS: ClassVar[tuple[str, ...]] = ("trained", "left_out", "aggregated", "evaluated")
 
     def line(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v is not None and v != []}
@@ -343,6 +397,11 @@ class Event:
             for r in (d.get("rejected") if isinstance(d.get("rejected"), list) else [])
             if isinstance(r, dict)
         ]
+        left_out = [
+            LeftOut(str(r.get("facility", "?"))[:64], str(r.get("reason", "?"))[:300])
+            for r in (d.get("left_out") if isinstance(d.get("left_out"), list) else [])
+            if isinstance(r, dict)
+        ]
         return cls(
             event=d["event"],
             round=_lenient(_int, d.get("round")),
@@ -357,4 +416,6 @@ class Event:
             strategy=d["strategy"][:64] if isinstance(d.get("strategy"), str) else None,
             update_norm=_lenient(_num, d.get("update_norm")),
             rejected=rejected,
+            left_out=left_out,
+            reason=d["reason"][:300] if isinstance(d.get("reason"), str) else None,
         )

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from xffl_cwl.contract.facility import FacilityConfig
-from xffl_cwl.contract.layout import FACILITY_CONNECTOR, STREAMFLOW_YML, dataset_input_id
+from xffl_cwl.contract.layout import (
+    AGGREGATE_STEP,
+    FACILITY_CONNECTOR,
+    ROUND_CWL,
+    STREAMFLOW_YML,
+    TRAIN_STEP_PREFIX,
+    dataset_input_id,
+)
 from xffl_cwl.errors import InputError
 
 DEPLOYMENT_NAME = re.compile(r"^[a-z][a-zA-Z0-9._-]*$")
@@ -27,6 +34,10 @@ class RunFolder:
     deployments: dict[str, dict[str, Any]]
     bindings: list[tuple[str, str]]  # (step path, deployment)
     port_bindings: list[dict[str, Any]]
+
+    @property
+    def config_name(self) -> str:
+        return STREAMFLOW_YML
 
     def deployment_of(self, step: str) -> str | None:
         """The most specific binding covering `step` (StreamFlow's rule: prefixes are inherited)."""
@@ -130,6 +141,77 @@ def check_bindings(folder: RunFolder, paths: list[str]) -> list[str]:
                 f"step {step} has no binding; add one to streamflow.yml (it would run on the local machine)"
             )
     return problems
+
+
+def _is_optional(parameter: Any) -> bool:
+    kind = getattr(parameter, "type_", None)
+    return (
+        getattr(parameter, "default", None) is not None or kind == "null" or (isinstance(kind, list) and "null" in kind)
+    )
+
+
+def check_inputs(folder: RunFolder, order: dict[str, Any]) -> list[str]:
+    """Every required input of main.cwl is in inputs.yml; every local file or folder there exists."""
+    from cwl_utils.parser import load_document_by_uri
+
+    problems = []
+    try:
+        main = load_document_by_uri(str(folder.main.resolve()))
+    except Exception:  # step_paths reports a main.cwl that does not load
+        return problems
+    ported = {b["port"].lstrip("/") for b in folder.port_bindings if isinstance(b.get("port"), str)}
+    for parameter in main.inputs or []:
+        name = _fragment(parameter.id)
+        if name not in order and not _is_optional(parameter):
+            problems.append(
+                f"{folder.settings.name} has no value for the workflow input {name!r}; add `{name}: ...` to it"
+            )
+    for name, value in order.items():
+        if name in ported or not isinstance(value, dict) or value.get("class") not in ("File", "Directory"):
+            continue
+        path = value.get("path") or value.get("location")
+        if isinstance(path, str) and not path.startswith(("http://", "https://")):
+            where = (folder.settings.parent / path.removeprefix("file://")).resolve()
+            if not where.exists():
+                problems.append(f"{folder.settings.name}: {name} is {where}, which does not exist; fix its path")
+    return problems
+
+
+def check_wiring(folder: RunFolder) -> list[str]:
+    """round.cwl's aggregate step receives the update and the status of every train step."""
+    round_file = folder.main.parent / ROUND_CWL
+    try:
+        steps = (_yaml(round_file) or {}).get("steps") or {}
+    except InputError:
+        return []
+    if isinstance(steps, list):
+        steps = {s.get("id"): s for s in steps if isinstance(s, dict)}
+    aggregate = steps.get(AGGREGATE_STEP) or {}
+    wired = aggregate.get("in") or {}
+    if isinstance(wired, list):
+        wired = {i.get("id"): i for i in wired if isinstance(i, dict)}
+
+    def sources(key: str) -> list[str]:
+        value = wired.get(key)
+        source = value.get("source") if isinstance(value, dict) else value
+        return [source] if isinstance(source, str) else list(source or [])
+
+    problems = []
+    for step in steps:
+        if isinstance(step, str) and step.startswith(TRAIN_STEP_PREFIX):
+            for output, key in (("update", "updates"), ("status", "statuses")):
+                if f"{step}/{output}" not in sources(key):
+                    problems.append(
+                        f"{ROUND_CWL}: the {AGGREGATE_STEP} step does not receive {step}/{output}; add it to its "
+                        f"`{key}` sources, or that facility is never merged"
+                    )
+    return problems
+
+
+def check_run_folder(folder: RunFolder) -> list[str]:
+    """Everything `xffl-cwl validate` checks without running cwltool or StreamFlow; `run` refuses the same."""
+    paths = step_paths(folder.main)
+    return check_bindings(folder, paths) + check_wiring(folder) + check_inputs(folder, read_job_order(folder))
 
 
 def read_job_order(folder: RunFolder) -> dict[str, Any]:

@@ -22,7 +22,14 @@ from xffl_cwl.contract.options import AggregateOptions, LoraOptions, TrainOption
 from xffl_cwl.contract.params import Param, ParamError, params, shown
 from xffl_cwl.errors import InputError
 from xffl_cwl.facility.templates import TemplateError, is_template_file, load_template
-from xffl_cwl.federation.spec import Deployment, FacilitySpec, FederationSpec, LocalDeployment, SlurmDeployment
+from xffl_cwl.federation.spec import (
+    Deployment,
+    FacilitySpec,
+    FederationSpec,
+    LocalDeployment,
+    Recovery,
+    SlurmDeployment,
+)
 
 # Facility names become CWL step ids (train_<name>), JavaScript-visible input names
 # (dataset_<name>) and StreamFlow deployment names (^[a-z][a-zA-Z0-9._-]*$): the intersection.
@@ -151,6 +158,7 @@ def _deployment(value: Any, where: _Where, base: Path) -> Deployment:
 SLURM_KEYS = (
     "kind", "host", "port", "username", "ssh_key", "known_hosts", "check_host_key", "template", "sbatch", "container",
     "setup", "workdir", "max_concurrent_jobs", "polling_interval", "connect_timeout", "retries", "retry_delay",
+    "unreachable_timeout",
 )  # fmt: skip
 
 
@@ -181,6 +189,20 @@ SBATCH_CHECKS: dict[str, Callable[[Any, _Where], Any]] = {
     "extra": _flags,
 }
 assert set(SBATCH_CHECKS) == {f.name for f in fields(SbatchOptions)}
+
+
+def _duration(value: Any, where: _Where) -> int:
+    """Seconds, given as a number of seconds or as SLURM writes times: [D-]HH:MM:SS, MM:SS."""
+    if isinstance(value, str):
+        days, _, clock = value.rpartition("-") if "-" in value else ("0", "", value)
+        parts = clock.split(":")
+        if days.isdigit() and 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts):
+            seconds = 0
+            for part in parts:
+                seconds = seconds * 60 + int(part)
+            value = int(days) * 86400 + seconds
+    seconds = _int(value, where, 1)
+    return seconds
 
 
 def _local_file(value: Any, where: _Where, base: Path, what: str) -> str:
@@ -238,14 +260,18 @@ def _slurm(value: Mapping[str, Any], where: _Where, base: Path) -> SlurmDeployme
         connect_timeout=_int(section.get("connect_timeout", defaults.connect_timeout), where / "connect_timeout", 1),
         retries=_int(section.get("retries", defaults.retries), where / "retries", 1),
         retry_delay=_int(section.get("retry_delay", defaults.retry_delay), where / "retry_delay", 0),
+        unreachable_timeout=_int(
+            section.get("unreachable_timeout", defaults.unreachable_timeout), where / "unreachable_timeout", 1
+        ),
     )
     for key, problem in facility_problems(facility, workdir):
         raise _Where(where.source, f"{where.path}.{key}").fail(problem)
     return SlurmDeployment(facility, workdir)
 
 
-def _facility(value: Any, where: _Where, base: Path, training: TrainOptions) -> FacilitySpec:
-    section = _mapping(value, where, ("name", "dataset", "deployment", "training", "weight"), ("name", "dataset"))
+def _facility(value: Any, where: _Where, base: Path, training: TrainOptions, deadline: int | None) -> FacilitySpec:
+    keys = ("name", "dataset", "deployment", "training", "weight", "round_deadline")
+    section = _mapping(value, where, keys, ("name", "dataset"))
     name = _str(section["name"], where / "name")
     if not FACILITY_NAME.fullmatch(name):
         raise (where / "name").fail(
@@ -263,8 +289,10 @@ def _facility(value: Any, where: _Where, base: Path, training: TrainOptions) -> 
             f"must be an absolute path on the facility of letters, digits and _ . , + = @ % / -, got {shown(dataset)}"
         )
     weight = None if section.get("weight") is None else _float(section["weight"], where / "weight", positive=True)
+    if section.get("round_deadline") is not None:
+        deadline = _duration(section["round_deadline"], where / "round_deadline")
     return FacilitySpec(
-        name, dataset, deployment, _training(section.get("training"), where / "training", training), weight
+        name, dataset, deployment, _training(section.get("training"), where / "training", training), weight, deadline
     )
 
 
@@ -278,6 +306,8 @@ TOP_KEYS = (
     "aggregator",
     "facilities",
     "eval_batch_size",
+    "round_deadline",
+    "recovery",
 )
 
 
@@ -309,12 +339,19 @@ def parse_federation(data: Any, source: Path) -> FederationSpec:
         raise (where / "aggregator").fail(
             "the aggregator runs where StreamFlow runs: use local (the model and test set are read there)"
         )
+    deadline_raw = top.get("round_deadline")
+    round_deadline = None if deadline_raw is None else _duration(deadline_raw, where / "round_deadline")
+    recovery_raw = _mapping(top.get("recovery") or {}, where / "recovery", ("retries", "retry_delay"))
+    recovery = Recovery(
+        retries=_int(recovery_raw.get("retries", Recovery.retries), where / "recovery" / "retries", 0),
+        retry_delay=_int(recovery_raw.get("retry_delay", Recovery.retry_delay), where / "recovery" / "retry_delay", 0),
+    )
     facilities_raw = top["facilities"]
     if not isinstance(facilities_raw, list) or not facilities_raw:
         raise (where / "facilities").fail("must be a non-empty list of facilities")
     facilities: list[FacilitySpec] = []
     for i, raw in enumerate(facilities_raw):
-        facility = _facility(raw, where / "facilities" / i, base, training)
+        facility = _facility(raw, where / "facilities" / i, base, training, round_deadline)
         if any(f.name == facility.name for f in facilities):
             raise (where / "facilities" / i / "name").fail(
                 f"duplicate facility {facility.name!r}; every facility needs its own name"
@@ -342,6 +379,8 @@ def parse_federation(data: Any, source: Path) -> FederationSpec:
         tuple(facilities),
         source.resolve(),
         eval_batch,
+        round_deadline,
+        recovery,
     )
 
 

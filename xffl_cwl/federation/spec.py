@@ -38,6 +38,15 @@ class FacilitySpec:
     deployment: Deployment
     training: TrainOptions
     weight: float | None = None  # fixed relative weight in aggregation (set for all facilities or none)
+    deadline: int | None = None  # seconds from a train job's submission to its end (round_deadline)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How often StreamFlow retries a job that failed for a transient reason (a transfer, a lost connection)."""
+
+    retries: int = 2
+    retry_delay: int = 5
 
 
 @dataclass(frozen=True)
@@ -54,3 +63,5 @@ class FederationSpec:
     facilities: tuple[FacilitySpec, ...]
     source: Path | None = None
     eval_batch_size: int = 16
+    round_deadline: int | None = None
+    recovery: Recovery = Recovery()

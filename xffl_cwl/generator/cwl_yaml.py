@@ -26,7 +26,7 @@ DOCUMENT_ORDER = (
     "steps",
 )
 PARAMETER_ORDER = ("type", "label", "doc", "default", "outputSource", "linkMerge", "pickValue")
-STEP_ORDER = ("label", "doc", "run", "in", "out", "requirements", "hints", "when")
+STEP_ORDER = ("label", "doc", "run", "when", "in", "out", "requirements", "hints")
 STEP_INPUT_ORDER = ("source", "linkMerge", "pickValue", "default", "valueFrom")
 LOOP_ORDER = ("loopWhen", "loop", "outputMethod")
 

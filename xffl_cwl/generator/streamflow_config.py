@@ -99,4 +99,11 @@ def build_streamflow_config(spec: FederationSpec) -> dict[str, Any]:
         },
         "deployments": deployments,
         "database": {"type": "default", "config": {"connection": DATABASE}},
+        # A job that failed for a transient reason (a transfer, a lost connection) is run again; a
+        # training that fails on its own is not a failure here (it leaves its facility out of the round).
+        "failureManager": {
+            "enabled": spec.recovery.retries > 0,
+            "type": "default",
+            "config": {"max_retries": spec.recovery.retries, "retry_delay": spec.recovery.retry_delay},
+        },
     }

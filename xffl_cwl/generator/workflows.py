@@ -30,7 +30,13 @@ from xffl_cwl.facility.templates import load_template, nvidia_gpus
 from xffl_cwl.federation.spec import FacilitySpec, FederationSpec, LocalDeployment
 
 CWLTOOL_NAMESPACE = "http://commonwl.org/cwltool#"
-TRAIN_OUTPUTS = ["update", "metrics", "log"]
+TRAIN_OUTPUTS = ["update", "status", "metrics", "log"]
+# A train step runs unless the orchestrator left its facility out of this round (`NAME@ROUND: REASON`
+# entries of `left_out`, which `xffl-cwl run` fills when it resumes without an unreachable facility).
+PRESENT = (
+    "function present(left_out, facility, round) {"
+    " return left_out.every(function (entry) { return entry.split(':')[0] != facility + '@' + round; }); }"
+)
 CUDA_HINT = {"class": "cwltool:CUDARequirement", "cudaVersionMin": "11.8", "cudaComputeCapability": "7.0"}
 STRATEGY_SETTINGS = frozenset(setting for s in STRATEGIES.values() for setting in s.uses)
 
@@ -113,7 +119,10 @@ def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowS
         cwl.WorkflowStepInput(id="dataset", source=dataset_input_id(facility.name), loadingOptions=lo),
         cwl.WorkflowStepInput(id="facility", default=facility.name, loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="left_out", source="left_out", loadingOptions=lo),
     ]
+    if facility.deadline is not None:
+        inputs.append(cwl.WorkflowStepInput(id="deadline", default=facility.deadline, loadingOptions=lo))
     inputs += [
         cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo)
         for k, v in _training_defaults(facility.training).items()
@@ -127,6 +136,7 @@ def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowS
         in_=inputs,
         out=TRAIN_OUTPUTS,
         hints=hints,
+        when="$(present(inputs.left_out, inputs.facility, inputs.round))",
         loadingOptions=lo,
     )
 
@@ -145,8 +155,17 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
             id="updates",
             source=[f"{train_step_id(f.name)}/update" for f in spec.facilities],
             linkMerge="merge_flattened",
+            pickValue="all_non_null",
             loadingOptions=lo,
         ),
+        cwl.WorkflowStepInput(
+            id="statuses",
+            source=[f"{train_step_id(f.name)}/status" for f in spec.facilities],
+            linkMerge="merge_flattened",
+            pickValue="all_non_null",
+            loadingOptions=lo,
+        ),
+        cwl.WorkflowStepInput(id="left_out", source="left_out", loadingOptions=lo),
         cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
     ] + [
@@ -167,10 +186,15 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
         doc=(
             "Every facility fine-tunes the global model on its own data (train_<facility>), the aggregator merges\n"
             "their updates into the next global model (aggregate) and evaluate appends the round to the history.\n"
+            "A facility whose training fails still ends its step, with a status and no update: aggregate leaves\n"
+            "it out of the round (pickValue: all_non_null) and it rejoins the next one.\n"
             "To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in\n"
-            "main.cwl, and its update to aggregate's sources (see the README)."
+            "main.cwl, and its update and status to aggregate's sources (see the README)."
         ),
-        requirements=[cwl.MultipleInputFeatureRequirement(loadingOptions=lo)],
+        requirements=[
+            cwl.MultipleInputFeatureRequirement(loadingOptions=lo),
+            cwl.InlineJavascriptRequirement(expressionLib=[PRESENT], loadingOptions=lo),
+        ],
         inputs=[
             cwl.WorkflowInputParameter(
                 id="model", type_="Directory", label="Global model of this round", loadingOptions=lo
@@ -182,6 +206,12 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
             cwl.WorkflowInputParameter(id="history", type_="File", label="History so far", loadingOptions=lo),
             cwl.WorkflowInputParameter(
                 id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo
+            ),
+            cwl.WorkflowInputParameter(
+                id="left_out",
+                type_="string[]",
+                label="Facilities left out of a round (NAME@ROUND: REASON)",
+                loadingOptions=lo,
             ),
             *facility_inputs,
         ],
@@ -238,11 +268,15 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         cwl.WorkflowStepInput(id="state", source="state", loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="first_round", loadingOptions=lo),
         cwl.WorkflowStepInput(id="rounds", source="rounds", loadingOptions=lo),
-        cwl.WorkflowStepInput(id="history", source=f"{BASELINE_STEP}/history", loadingOptions=lo),
+        cwl.WorkflowStepInput(
+            id="history", source=["history", f"{BASELINE_STEP}/history"], pickValue="first_non_null", loadingOptions=lo
+        ),
         cwl.WorkflowStepInput(id="test_set", source="test_set", loadingOptions=lo),
+        cwl.WorkflowStepInput(id="left_out", source="left_out", loadingOptions=lo),
         *(cwl.WorkflowStepInput(id=d, source=d, loadingOptions=lo) for d in datasets),
     ]
     baseline_inputs = [
+        cwl.WorkflowStepInput(id="history", source="history", loadingOptions=lo),
         cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
         cwl.WorkflowStepInput(id="dataset", source="test_set", loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="first_round", valueFrom="$(self - 1)", loadingOptions=lo),
@@ -256,10 +290,12 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         doc=(
             f"Federated fine-tuning across {', '.join(f.name for f in spec.facilities)}.\n"
             "baseline records the initial model, then round.cwl runs once per round under cwltool:Loop,\n"
-            "carrying the global model, the server-optimizer state, the round number and the history."
+            "carrying the global model, the server-optimizer state, the round number and the history.\n"
+            "To resume, set first_round, model, state and history (xffl-cwl run --resume does it): baseline is then skipped."
         ),
         requirements=[
             cwl.SubworkflowFeatureRequirement(loadingOptions=lo),
+            cwl.MultipleInputFeatureRequirement(loadingOptions=lo),
             cwl.InlineJavascriptRequirement(loadingOptions=lo),
             cwl.StepInputExpressionRequirement(loadingOptions=lo),
         ],
@@ -280,7 +316,20 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
                 loadingOptions=lo,
             ),
             cwl.WorkflowInputParameter(
+                id="history",
+                type_=["null", "File"],
+                label="History of the rounds before first_round (when resuming)",
+                loadingOptions=lo,
+            ),
+            cwl.WorkflowInputParameter(
                 id="test_set", type_=["null", "File", "Directory"], label="Held-out test set", loadingOptions=lo
+            ),
+            cwl.WorkflowInputParameter(
+                id="left_out",
+                type_="string[]",
+                default=[],
+                label="Facilities left out of a round (NAME@ROUND: REASON)",
+                loadingOptions=lo,
             ),
             *(
                 cwl.WorkflowInputParameter(
@@ -310,6 +359,7 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
                 run=f"{TOOLS_DIR}/evaluate.cwl",
                 in_=baseline_inputs,
                 out=["history"],
+                when="$(inputs.history === null)",
                 loadingOptions=lo,
             ),
             cwl.WorkflowStep(

@@ -58,6 +58,7 @@ def round_record(model_dir: Path, evaluation: dict[str, Any] | None, round_numbe
                 if isinstance(info, dict)
             },
             "rejected": summary.get("rejected", []),
+            "left_out": summary.get("left_out", []),
             "update_norm": summary.get("update_norm"),
             "fingerprint": summary.get("fingerprint"),
         }

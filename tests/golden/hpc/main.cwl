@@ -8,10 +8,12 @@ doc: |
   Federated fine-tuning across leonardo, lumi, vega.
   baseline records the initial model, then round.cwl runs once per round under cwltool:Loop,
   carrying the global model, the server-optimizer state, the round number and the history.
+  To resume, set first_round, model, state and history (xffl-cwl run --resume does it): baseline is then skipped.
 $namespaces:
   cwltool: http://commonwl.org/cwltool#
 requirements:
   SubworkflowFeatureRequirement: {}
+  MultipleInputFeatureRequirement: {}
   InlineJavascriptRequirement: {}
   StepInputExpressionRequirement: {}
 inputs:
@@ -28,9 +30,16 @@ inputs:
   state:
     type: Directory?
     label: Server-optimizer state to resume from
+  history:
+    type: File?
+    label: History of the rounds before first_round (when resuming)
   test_set:
     type: ['null', File, Directory]
     label: Held-out test set
+  left_out:
+    type: string[]
+    label: 'Facilities left out of a round (NAME@ROUND: REASON)'
+    default: []
   dataset_leonardo:
     type: [File, Directory]
     label: Dataset of leonardo
@@ -54,7 +63,9 @@ steps:
   baseline:
     label: Record the initial model
     run: tools/evaluate.cwl
+    when: $(inputs.history === null)
     in:
+      history: history
       model: model
       dataset: test_set
       round: {source: first_round, valueFrom: $(self - 1)}
@@ -69,8 +80,11 @@ steps:
       state: state
       round: first_round
       rounds: rounds
-      history: baseline/history
+      history:
+        source: [history, baseline/history]
+        pickValue: first_non_null
       test_set: test_set
+      left_out: left_out
       dataset_leonardo: dataset_leonardo
       dataset_lumi: dataset_lumi
       dataset_vega: dataset_vega

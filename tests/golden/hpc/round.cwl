@@ -7,12 +7,17 @@ label: One round of federation golden-hpc
 doc: |
   Every facility fine-tunes the global model on its own data (train_<facility>), the aggregator merges
   their updates into the next global model (aggregate) and evaluate appends the round to the history.
+  A facility whose training fails still ends its step, with a status and no update: aggregate leaves
+  it out of the round (pickValue: all_non_null) and it rejoins the next one.
   To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in
-  main.cwl, and its update to aggregate's sources (see the README).
+  main.cwl, and its update and status to aggregate's sources (see the README).
 $namespaces:
   cwltool: http://commonwl.org/cwltool#
 requirements:
   MultipleInputFeatureRequirement: {}
+  InlineJavascriptRequirement:
+    expressionLib:
+      - function present(left_out, facility, round) { return left_out.every(function (entry) { return entry.split(':')[0] != facility + '@' + round; }); }
 inputs:
   model:
     type: Directory
@@ -29,6 +34,9 @@ inputs:
   test_set:
     type: ['null', File, Directory]
     label: Held-out test set
+  left_out:
+    type: string[]
+    label: 'Facilities left out of a round (NAME@ROUND: REASON)'
   dataset_leonardo:
     type: [File, Directory]
     label: Dataset of leonardo
@@ -52,11 +60,13 @@ steps:
   train_leonardo:
     label: Local training at leonardo
     run: tools/train.cwl
+    when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
       model: model
       dataset: dataset_leonardo
       facility: {default: leonardo}
       round: round
+      left_out: left_out
       mode: {default: lora}
       local_steps: {default: 10}
       batch_size: {default: 8}
@@ -68,7 +78,7 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, metrics, log]
+    out: [update, status, metrics, log]
     hints:
       cwltool:CUDARequirement:
         cudaVersionMin: '11.8'
@@ -77,11 +87,13 @@ steps:
   train_lumi:
     label: Local training at lumi
     run: tools/train.cwl
+    when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
       model: model
       dataset: dataset_lumi
       facility: {default: lumi}
       round: round
+      left_out: left_out
       mode: {default: lora}
       local_steps: {default: 10}
       batch_size: {default: 8}
@@ -93,15 +105,17 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, metrics, log]
+    out: [update, status, metrics, log]
   train_vega:
     label: Local training at vega
     run: tools/train.cwl
+    when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
       model: model
       dataset: dataset_vega
       facility: {default: vega}
       round: round
+      left_out: left_out
       mode: {default: lora}
       local_steps: {default: 10}
       batch_size: {default: 4}
@@ -113,7 +127,7 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, metrics, log]
+    out: [update, status, metrics, log]
   aggregate:
     label: Merge the updates
     run: tools/aggregate.cwl
@@ -122,6 +136,12 @@ steps:
       updates:
         source: [train_leonardo/update, train_lumi/update, train_vega/update]
         linkMerge: merge_flattened
+        pickValue: all_non_null
+      statuses:
+        source: [train_leonardo/status, train_lumi/status, train_vega/status]
+        linkMerge: merge_flattened
+        pickValue: all_non_null
+      left_out: left_out
       state: state
       round: round
       max_weights:

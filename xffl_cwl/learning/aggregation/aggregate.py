@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import resource
 import shutil
 import statistics
@@ -21,7 +22,7 @@ from xffl_cwl.atomic import atomic_dir, check_output_dir
 from xffl_cwl.contract.layout import AGGREGATE_JSON, STATE_DIR
 from xffl_cwl.contract.options import AggregateOptions, tool_params, tool_values
 from xffl_cwl.contract.params import ParamError
-from xffl_cwl.contract.records import AggregateRecord, FacilitySummary, Rejection, json_text
+from xffl_cwl.contract.records import AggregateRecord, FacilitySummary, LeftOut, Rejection, json_text
 from xffl_cwl.errors import InputError
 from xffl_cwl.learning.aggregation.lora import parse_config
 from xffl_cwl.learning.aggregation.plans import (
@@ -38,7 +39,7 @@ from xffl_cwl.learning.aggregation.screening import GlobalModel, rejection, scre
 from xffl_cwl.learning.aggregation.server_state import STATE_JSON, ServerState, load_state, state_record
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer, hyperparameters, make_strategy
 from xffl_cwl.learning.aggregation.streaming import NonFiniteOutput, stream
-from xffl_cwl.learning.aggregation.updates import Update, UpdateSource
+from xffl_cwl.learning.aggregation.updates import Update, UpdateSource, left_out_of, read_status
 from xffl_cwl.learning.model_dir import (
     ADAPTER_CONFIG,
     ADAPTER_STEM,
@@ -73,10 +74,27 @@ class AggregateConfig:
     chunk_elems: int = 1024 * 1024
     max_weight: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    statuses: list[Path] = field(default_factory=list)  # <facility>.status.json of the round's train steps
+    left_out: list[str] = field(default_factory=list)  # NAME@ROUND: REASON, from the orchestrator
+
+
+def _left_out(cfg: AggregateConfig, sources: list[UpdateSource]) -> tuple[list[LeftOut], list[UpdateSource]]:
+    """Who is left out of this round, and why; and the updates that remain to be screened."""
+    left = left_out_of(cfg.left_out, cfg.round)
+    for path in cfg.statuses:
+        name, status, problem = read_status(Path(path), cfg.round)
+        if problem is not None:
+            left.append(LeftOut(name, problem))
+        elif status is not None and status.status != "ok":
+            left.append(LeftOut(name, f"{status.status}: {status.reason}" if status.reason else status.status))
+    names = {entry.facility for entry in left}
+    for entry in left:
+        log.warning("facility %r is left out of round %s: %s", entry.facility, cfg.round, entry.reason)
+    return left, [s for s in sources if s.name not in names]
 
 
 def _validate(cfg: AggregateConfig) -> list[UpdateSource]:
-    if not cfg.updates:
+    if not cfg.updates and not cfg.statuses and not cfg.left_out:
         raise InputError("no --update given; pass at least one update directory")
     values = tool_values(cfg.options)
     for p in tool_params(AggregateOptions):
@@ -96,6 +114,22 @@ def _validate(cfg: AggregateConfig) -> list[UpdateSource]:
     if cfg.state_out is not None:
         check_output_dir(Path(cfg.state_out), "--state-out")
     return [u if isinstance(u, UpdateSource) else UpdateSource.parse(u) for u in cfg.updates]
+
+
+def _brief(reason: str, limit: int = 160) -> str:
+    """A reason short enough that one line names every facility: paths by their last part."""
+    text = re.sub(r"/(?:[^\s/:]+/)+([^\s/:]+)", r"\1", reason)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quorum_error(
+    valid: int, expected: int, min_updates: int, left: list[LeftOut], rejected: list[Rejection]
+) -> InputError:
+    reasons = [f"{e.facility}: left out, {_brief(e.reason)}" for e in left]
+    reasons += [f"{r.facility}: {_brief(r.reason)}" for r in rejected]
+    return InputError(
+        f"only {valid} valid update(s) of {expected}, --min-updates is {min_updates} ({'; '.join(reasons) or 'none rejected'})"
+    )
 
 
 def _bases(cfg: AggregateConfig, valid: list[Update], rejected: list[Rejection]) -> list[tuple[Update, float, bool]]:
@@ -163,6 +197,8 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     """Write the next global model at `cfg.out` (and the optimizer state); returns the aggregate.json record."""
     started = time.perf_counter()
     sources = _validate(cfg)
+    left, sources = _left_out(cfg, sources)
+    expected = len(sources) + len(left)
     opts = cfg.options
     strategy = make_strategy(opts)
     slots = strategy.info.slots
@@ -182,6 +218,8 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     )
     with TensorReader() as reader:
         valid, rejected = screen(sources, glob, opts, cfg.round, reader, cfg.chunk_elems)
+        if not valid:
+            raise _quorum_error(0, expected, opts.min_updates, left, rejected)
         if valid and glob.adapter is not None and not (valid[0].mode == "lora" and opts.lora_merge == "fedit"):
             raise InputError(
                 f"--global {global_dir} carries a LoRA adapter (FedIT); aggregate its updates with --lora-merge fedit"
@@ -190,10 +228,7 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
             weighted = _bases(cfg, valid, rejected)
             valid = [u for u, _, _ in weighted]
             if len(valid) < opts.min_updates or not valid:
-                reasons = "; ".join(f"{r.facility}: {r.reason}" for r in rejected) or "none rejected"
-                raise InputError(
-                    f"only {len(valid)} valid update(s) of {len(sources)}, --min-updates is {opts.min_updates} ({reasons})"
-                )
+                raise _quorum_error(len(valid), expected, opts.min_updates, left, rejected)
             try:
                 with contextlib.ExitStack() as outputs:
                     out = outputs.enter_context(atomic_dir(Path(cfg.out)))
@@ -205,7 +240,7 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
                         state_dir.mkdir()
                     done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir)
                     record = _finish(
-                        cfg, glob, weighted, done, rejected, strategy, old_state, out, state_dir, reader, started
+                        cfg, glob, weighted, done, rejected, left, strategy, old_state, out, state_dir, reader, started
                     )
                 break
             except UpdateFault as fault:
@@ -226,7 +261,8 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
 
 def _finish(
     cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], done: _Written,
-    rejected: list[Rejection], strategy: ServerOptimizer, old_state: ServerState, out: Path, state_dir: Path | None,
+    rejected: list[Rejection], left: list[LeftOut], strategy: ServerOptimizer, old_state: ServerState, out: Path,
+    state_dir: Path | None,
     reader: TensorReader, started: float,
 ) -> AggregateRecord:  # fmt: skip
     """Everything beside the weights: index, side files, the FedIT adapter config, the state record, aggregate.json."""
@@ -263,6 +299,7 @@ def _finish(
         weighting=opts.weighting if not cfg.weights else "set",
         facilities=facilities,
         rejected=list(rejected),
+        left_out=list(left),
         samples=sum(u.samples for u, _, _ in weighted),
         tokens=sum(u.tokens for u, _, _ in weighted),
         update_norm=done.norms.update**0.5,

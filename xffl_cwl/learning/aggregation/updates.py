@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xffl_cwl.contract.layout import UPDATE_JSON, UPDATE_NAME
-from xffl_cwl.contract.records import RecordError, UpdateRecord
+from xffl_cwl.contract.layout import STATUS_SUFFIX, UPDATE_JSON, UPDATE_NAME
+from xffl_cwl.contract.records import LeftOut, RecordError, TrainStatus, UpdateRecord
 from xffl_cwl.errors import InputError
 from xffl_cwl.learning.aggregation.lora import (
     AdapterConfig,
@@ -205,3 +205,39 @@ def check_adapter_change(update: Update, reader: TensorReader, chunk_elems: int)
             raise update.reject(f"tensor {str(exc)!r} holds NaN or Inf values") from None
         if not math.isfinite(norm_sq) or norm_sq > MAX_CHANGE_NORM_SQ:
             raise update.reject(f"its change to {base_name!r} overflows (lora_A/lora_B values too large)")
+
+
+def read_status(path: Path, round_number: int | None) -> tuple[str, TrainStatus | None, str | None]:
+    """(facility, status, problem) of a `<facility>.status.json` a train step wrote (or its plugin did).
+
+    The file's name says whose it is (the workflow names it); a record that claims another facility,
+    another round, or cannot be read is a problem, and the facility is then left out with it.
+    """
+    name = path.name[: -len(STATUS_SUFFIX)] if path.name.endswith(STATUS_SUFFIX) else ""
+    if not UPDATE_NAME.fullmatch(name):
+        raise InputError(f"--status {str(path)!r:.100}: a status file is named <facility>{STATUS_SUFFIX}")
+    try:
+        # the path itself may be a runner's staging link; what it names must be a small regular file
+        status = TrainStatus.from_json(loads_strict(read_regular(path, MAX_RECORD_BYTES, follow_links=True)))
+    except (UnsafeFile, MalformedJSON) as exc:
+        return name, None, f"its status file {exc}"
+    except RecordError as exc:
+        return name, None, f"its status file is not valid ({exc})"
+    if status.facility != name:
+        return name, None, f"its status file says it comes from {status.facility!r}"
+    if round_number is not None and status.round != round_number:
+        return name, None, f"its status file is for round {status.round}"
+    return name, status, None
+
+
+def left_out_of(entries: list[str], round_number: int | None) -> list[LeftOut]:
+    """`NAME@ROUND: REASON` entries (the orchestrator left NAME out of ROUND) for this round."""
+    out = []
+    for entry in entries:
+        head, _, reason = entry.partition(":")
+        name, at, rnd = head.strip().partition("@")
+        if not at or not UPDATE_NAME.fullmatch(name) or not rnd.strip().isdigit():
+            raise InputError(f"--left-out {entry!r:.100}: give NAME@ROUND: REASON")
+        if round_number is None or int(rnd) == round_number:
+            out.append(LeftOut(name, reason.strip()[:500] or "left out by the orchestrator"))
+    return out

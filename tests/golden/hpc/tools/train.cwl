@@ -8,6 +8,11 @@ doc: |
   weights in the global model's exact layout (--mode full) or a PEFT adapter (--mode lora), with
   update.json (samples, tokens, losses, timings, fingerprint of the global model).
 
+  The step succeeds even when the training does not: <facility>.status.json says how the round ended (ok,
+  failed, deadline, lost, with the reason) and `update` is then absent, so a federation leaves the
+  facility out of that round instead of stopping. The xffl-facility StreamFlow plugin writes the
+  same record when SLURM ends the job (time limit, node failure, the deadline).
+
   GPUs: add `cwltool:CUDARequirement` as a hint on the *step* that runs this tool where the
   facility has GPUs (the generated round.cwl does so for GPU facilities). It is not a hint of the
   tool itself because cwltool treats that hint as mandatory and fails on CPU-only machines.
@@ -18,6 +23,7 @@ arguments:
   - {prefix: --out, valueFrom: $(inputs.facility)}
   - --no-progress
 requirements:
+  InlineJavascriptRequirement: {}
   EnvVarRequirement:
     envDef:
       HF_HUB_OFFLINE: "1"
@@ -26,6 +32,8 @@ requirements:
       HF_HOME: $(runtime.tmpdir)/hf-home
       XDG_CACHE_HOME: $(runtime.tmpdir)/cache
       TOKENIZERS_PARALLELISM: "false"
+      XFFL_STATUS_FILE: $(inputs.facility).status.json
+      XFFL_DEADLINE: $(String(inputs.deadline))
   NetworkAccess:
     networkAccess: false
 hints:
@@ -58,6 +66,13 @@ inputs:
     label: Round number
     doc: The federated round this update belongs to (1 for the first).
     inputBinding: {prefix: --round}
+  deadline:
+    type: int
+    default: 0
+    label: Deadline (seconds)
+    doc: |
+      Time from the job's submission to its end, queue wait included, after which the training is
+      stopped and the facility left out of the round (0: none). On SLURM the plugin cancels the job.
   local_steps:
     type: int?
     label: Local optimizer steps
@@ -153,17 +168,22 @@ inputs:
     inputBinding: {prefix: --text-field}
 outputs:
   update:
-    type: Directory
+    type: Directory?
     label: Update
     doc: Full weights (model directory) or a PEFT adapter, with update.json, in a directory named after the facility.
     outputBinding: {glob: $(inputs.facility)}
   metrics:
-    type: File
+    type: File?
     label: Update metrics
     doc: update.json of the update.
     outputBinding: {glob: $(inputs.facility)/update.json}
-  log:
+  status:
     type: File
+    label: Round status
+    doc: <facility>.status.json, how the facility's round ended (ok, failed, deadline, lost) and why.
+    outputBinding: {glob: $(inputs.facility).status.json}
+  log:
+    type: File?
     label: Training log
-    doc: The trainer's stderr.
+    doc: The trainer's stderr; absent when the job never ran (cancelled in the queue at its deadline, node lost).
     outputBinding: {glob: train.log}

@@ -53,6 +53,27 @@ inputs:
       NAME=N per facility: the most samples (or tokens) it may count, from the workflow's settings
       (local steps x batch size x accumulation), never from the update itself.
     inputBinding: {position: 2}
+  statuses:
+    type:
+      type: array
+      items: File
+      inputBinding: {prefix: --status}
+    default: []
+    label: Round statuses
+    doc: |
+      Each train step's <facility>.status.json: a facility whose round did not end ok (its training
+      failed, ran past the deadline, its job was lost) is left out of the round, and aggregate.json
+      says why.
+    inputBinding: {position: 4}
+  left_out:
+    type:
+      type: array
+      items: string
+      inputBinding: {prefix: --left-out}
+    default: []
+    label: Left out by the orchestrator
+    doc: "NAME@ROUND: REASON entries; those for this round are left out (xffl-cwl run fills them when it resumes a run without a facility it could not reach)."
+    inputBinding: {position: 5}
   weights:
     type:
       type: array
