@@ -24,7 +24,7 @@
 #SBATCH --time={{ time }}
 {% endif %}
 #SBATCH --nodes={{ nodes }}
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node={{ ntasks_per_node or (gpus_per_node if (gpus_per_node or 0) | int > 0 else 1) }}
 {% if gpus_per_node %}
 #SBATCH --gpus-per-node={{ gpus_per_node }}
 {% endif %}
@@ -44,5 +44,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {% if container_runtime == 'none' %}
 {{ streamflow_command }}
 {% else %}
+# Workers of a training on several nodes are started by srun, each in the container
+export XFFL_WORKER_EXEC={{ (container_runtime ~ " exec " ~ (container_options or "") ~ " " ~ container_binds ~ " " ~ (container_image | q)) | q }}
 {{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
 {% endif %}

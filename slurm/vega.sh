@@ -10,7 +10,7 @@
   "time": "00:30:00",
   "nodes": 1,
   "gpus_per_node": 4,
-  "cpus_per_task": 32,
+  "cpus_per_task": 8,
   "container_runtime": "singularity",
   "container_options": "--nv",
   "gpu_vendor": "nvidia",
@@ -25,7 +25,7 @@
 {% endif %}
 #SBATCH --time={{ time }}
 #SBATCH --nodes={{ nodes }}
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node={{ ntasks_per_node or (gpus_per_node if (gpus_per_node or 0) | int > 0 else 1) }}
 #SBATCH --gpus-per-node={{ gpus_per_node }}
 #SBATCH --cpus-per-task={{ cpus_per_task }}
 {% if mem %}
@@ -44,5 +44,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {% if container_runtime == 'none' %}
 srun --ntasks=1 {{ streamflow_command }}
 {% else %}
+# Workers of a training on several nodes are started by srun, each in the container
+export XFFL_WORKER_EXEC={{ (container_runtime ~ " exec " ~ (container_options or "") ~ " " ~ container_binds ~ " " ~ (container_image | q)) | q }}
 srun --ntasks=1 {{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
 {% endif %}

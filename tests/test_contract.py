@@ -22,14 +22,21 @@ from xffl_cwl.contract.params import Param
 from xffl_cwl.contract.strategies import STRATEGIES
 
 TOOLS = {
-    "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round", "deadline"}),
+    "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round", "deadline", "nnodes", "nproc_per_node"}),
     "aggregate.cwl": (
         AggregateOptions,
         {"global_model", "updates", "state", "round", "max_weights", "weights", "statuses", "left_out"},
     ),
     "evaluate.cwl": (EvaluateOptions, {"model", "dataset", "previous_history", "round"}),
 }
-CWL_TYPES = {"int": "int?", "float": "float?", "str": "string?", "names": "string?", "pair": "string?"}
+CWL_TYPES = {
+    "bool": "boolean?",
+    "int": "int?",
+    "float": "float?",
+    "str": "string?",
+    "names": "string?",
+    "pair": "string?",
+}
 
 
 def _inputs(tool: str) -> dict:

@@ -184,3 +184,49 @@ def test_fault_tolerance_mistakes_are_one_line(write, old, new, message):
     with pytest.raises(InputError) as info:
         load_federation(write(GOOD.replace(old, new)))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_workers_and_sharding_reach_the_train_steps_and_the_weight_caps(write, tmp_path):
+    """A facility's world (local `workers`, or a SLURM preset's nodes x GPUs) is passed to its train
+    step, its sharding settings too, and its weight cap counts the global batch of all its workers."""
+    from ruamel.yaml import YAML
+
+    from xffl_cwl.generator import generate
+
+    text = GOOD.replace(
+        "    deployment: {{kind: local, workdir: elsewhere/lumi}}\n    training: {{batch_size: 2, epochs: 1}}\n",
+        "    deployment: {{kind: local, workers: 2}}\n"
+        "    training: {{batch_size: 2, sharding: hybrid, activation_checkpointing: true, backend: gloo}}\n",
+    )
+    text += (
+        "  - name: karolina\n    dataset: /scratch/data\n    deployment:\n      kind: slurm\n"
+        "      host: login.karolina.it4i.cz\n      username: me\n      template: leonardo\n      workdir: /scratch/me\n"
+        "      sbatch: {{account: A, nodes: 2, gpus_per_node: 4}}\n"
+    )
+    spec = load_federation(write(text.replace("min_updates: 2", "min_updates: 3")))
+    generate(spec, tmp_path / "run")
+    steps = YAML(typ="safe").load((tmp_path / "run" / "round.cwl").read_text())["steps"]
+    assert "nnodes" not in steps["train_leonardo"]["in"] and "nproc_per_node" not in steps["train_leonardo"]["in"]
+    lumi, karolina = steps["train_lumi"]["in"], steps["train_karolina"]["in"]
+    assert lumi["nproc_per_node"] == {"default": 2} and "nnodes" not in lumi
+    assert lumi["sharding"] == {"default": "hybrid"} and lumi["activation_checkpointing"] == {"default": True}
+    assert lumi["backend"] == {"default": "gloo"}
+    assert karolina["nnodes"] == {"default": 2} and karolina["nproc_per_node"] == {"default": 4}  # 8 workers
+    # local_steps x batch_size x workers x grad_accum
+    assert steps["aggregate"]["in"]["max_weights"] == {"default": ["leonardo=40", "lumi=20", "karolina=320"]}
+    script = (tmp_path / "run" / "tools" / "train.cwl").read_text()
+    assert "--nproc-per-node" in script and "--sharding" in script
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("kind: local, workdir: elsewhere/lumi", "kind: local, workers: 0", "deployment.workers: must be at least 1"),
+        ("epochs: 1}}", "epochs: 1, sharding: zero3}}", "training.sharding: must be one of auto, full, hybrid"),
+        ("epochs: 1}}", "epochs: 1, activation_checkpointing: 1}}", "activation_checkpointing: must be true or false"),
+    ],
+)
+def test_world_and_sharding_mistakes_are_one_line(write, old, new, message):
+    with pytest.raises(InputError) as err:
+        load_federation(write(GOOD.replace(old, new)))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

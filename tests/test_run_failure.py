@@ -118,7 +118,7 @@ def test_below_quorum_the_run_stops_in_bounded_time_naming_everyone(tmp_path, de
         )
     )
     started = time.monotonic()
-    proc = run_cli("run", run_dir, timeout=300)
+    proc = run_cli("run", run_dir, "--grace", "2", timeout=300)
     assert proc.returncode == 1
     assert time.monotonic() - started < 60
     error = next(line for line in proc.stderr.splitlines() if line.startswith("xffl-cwl run: error:"))
@@ -136,7 +136,7 @@ def test_failed_aggregation_is_named(tmp_path, demo_assets):
     round_cwl = run_dir / "round.cwl"
     round_cwl.write_text(round_cwl.read_text().replace("min_updates: {default: 1}", "min_updates: {default: 5}"))
     started = time.monotonic()
-    proc = run_cli("run", run_dir, timeout=300)
+    proc = run_cli("run", run_dir, "--grace", "2", timeout=300)
     assert proc.returncode == 1 and time.monotonic() - started < 60
     error = next(line for line in proc.stderr.splitlines() if line.startswith("xffl-cwl run: error:"))
     assert "step aggregate (on aggregator) failed in round 1/1" in error

@@ -285,3 +285,36 @@ def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_
     ours = load_file(str(run_dir / "out" / "model" / "model.safetensors"))
     theirs = load_file(str(slurm_run["run"] / "out" / "model" / "model.safetensors"))
     assert sorted(ours) == sorted(theirs) and all((ours[k] == theirs[k]).all() for k in ours), "not bit for bit"
+
+
+def test_a_two_task_train_job_through_srun_trains_as_one_task(facilities, demo_assets, datasets, slurm_run, tmp_path):
+    """leonardo's train steps run as one allocation of 2 tasks (`ntasks_per_node: 2`), its workers
+    started by srun, half the micro-batch each: the job logs show both ranks and the federation's
+    model is that of the 1-task run within fp32 tolerance."""
+    leonardo = (
+        slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]).replace(
+            'time: "00:10:00"}', 'time: "00:10:00", ntasks_per_node: 2}'
+        )
+        + "    training: {batch_size: 4}\n"
+    )
+    entries = leonardo + slurm_facility_yaml(facilities, "lumi", datasets["lumi"])
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries)
+    generate(load_federation(federation), tmp_path / "run")
+    round_cwl = (tmp_path / "run" / "round.cwl").read_text()
+    assert "nproc_per_node: {default: 2}" in round_cwl
+    before = len(jobcomp(facilities["by_name"]["leonardo"]))
+    proc = run_cli("run", tmp_path / "run", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = jobcomp(facilities["by_name"]["leonardo"])[before:]
+    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"] and all(j["ProcCnt"] == "2" for j in jobs), jobs
+    for job in jobs:
+        log = (Path(job["WorkDir"]) / "train.log").read_text()
+        assert "2 workers (1 node(s) x 2) started with srun" in log, log[-2000:]
+        assert "worker 0 of 2: peak RSS" in log and "worker 1 of 2: peak RSS" in log, log[-2000:]
+    last = json.loads((tmp_path / "run" / "out" / "history.jsonl").read_text().splitlines()[-1])
+    assert set(last["facilities"]) == set(FACILITIES) and not last.get("left_out")
+    ours = load_file(str(tmp_path / "run" / "out" / "model" / "model.safetensors"))
+    theirs = load_file(str(slurm_run["run"] / "out" / "model" / "model.safetensors"))
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    print(f"2 tasks vs 1 task on SLURM, 2 rounds: largest weight difference {diff:.2e}")
+    assert diff < 1e-4, diff

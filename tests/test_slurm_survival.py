@@ -41,7 +41,7 @@ def test_facilities_that_fail_in_round_2_are_left_out_of_it_and_rejoin_in_round_
         + slurm_facility_yaml(facilities, "lumi", lumi_data)
         + f"  - name: meluxina\n    dataset: {demo_assets.datasets['meluxina']}\n"
     )
-    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, 3, 1, "round_deadline: 40\n")
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, 3, 1, "round_deadline: 30\n")
     generate(load_federation(federation), tmp_path / "run")
     said: list[str] = []
     repairs: list[threading.Thread] = []

@@ -48,12 +48,42 @@ def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
     assert proc.returncode == 0, proc.stderr
     runtime = effective_runtime(template, ContainerSettings())
     if with_container and runtime != "none":
-        exec_line = next(line for line in script.splitlines() if " exec " in line)
+        exec_line = next(line for line in script.splitlines() if " exec " in line and not line.startswith("export"))
         assert exec_line.split()[exec_line.split().index("exec") - 1] == runtime
         assert "--bind /scratch/work --bind /data" in exec_line and " /work/images/client.sif bash " in exec_line
         assert ("--rocm" if preset == "lumi" else "--nv") in exec_line
+        # what srun runs each worker in, for trainings on several nodes: the same words as the exec line
+        export = next(line for line in script.splitlines() if line.startswith("export XFFL_WORKER_EXEC="))
+        words = subprocess.run(
+            ["bash", "-c", f'{export}\nprintf "%s\\n" $XFFL_WORKER_EXEC'], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert " ".join(words) in exec_line and words[-1] == "/work/images/client.sif", words
     if not with_container:
         assert " exec " not in script
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_world_of_a_training_is_what_the_job_asks_for(preset, tmp_path):
+    """nodes x workers per node as the generator passes them to train (--nnodes, --nproc-per-node)
+    equal what the rendered job asks SLURM for (--nodes, --ntasks-per-node): one worker per GPU."""
+    from xffl_cwl.facility.templates import training_world
+
+    template = load_template(preset, tmp_path)
+    for sbatch in (
+        SbatchOptions(),
+        SbatchOptions(nodes=2, gpus_per_node=4),
+        SbatchOptions(nodes=3, gpus_per_node=0, ntasks_per_node=2),
+    ):
+        script = template.render(COMMAND, job_variables(sbatch, ContainerSettings(runtime="none"), ()))
+        asked = {
+            line.split("=")[0].removeprefix("#SBATCH "): line.split("=", 1)[1]
+            for line in script.splitlines()
+            if line.startswith("#SBATCH --")
+        }
+        nodes, per_node = training_world(template, sbatch)
+        assert (int(asked["--nodes"]), int(asked["--ntasks-per-node"])) == (nodes, per_node), (preset, sbatch)
+        if sbatch.nodes == 2:
+            assert (nodes, per_node) == (2, 4)  # 8 workers
 
 
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"generic"}))

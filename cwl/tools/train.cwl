@@ -13,6 +13,10 @@ doc: |
   facility out of that round instead of stopping. The xffl-facility StreamFlow plugin writes the
   same record when SLURM ends the job (time limit, node failure, the deadline).
 
+  Several workers (nnodes x nproc_per_node > 1): the model is sharded over them with PyTorch FSDP2;
+  inside a SLURM allocation srun starts them, elsewhere they are local processes; only the first
+  writes the update, in the same format. A worker that dies stops the others and the status names it.
+
   GPUs: add `cwltool:CUDARequirement` as a hint on the *step* that runs this tool where the
   facility has GPUs (the generated round.cwl does so for GPU facilities). It is not a hint of the
   tool itself because cwltool treats that hint as mandatory and fails on CPU-only machines.
@@ -156,6 +160,43 @@ inputs:
     label: Training precision
     doc: fp32, or bf16 mixed precision with fp32 master weights.
     inputBinding: {prefix: --precision}
+  sharding:
+    type:
+      type: enum
+      symbols: [auto, full, hybrid]
+    default: auto
+    label: Sharding across workers
+    doc: 'With several workers: full (FSDP: parameters, gradients and optimizer state sharded over all of them), hybrid (HSDP: sharded inside a node, replicated across nodes) or auto (hybrid on several nodes, else full).'
+    inputBinding: {prefix: --sharding}
+  activation_checkpointing:
+    type: boolean?
+    label: Activation checkpointing
+    doc: Recompute each decoder layer's activations in the backward pass.
+    inputBinding: {prefix: --activation-checkpointing}
+  backend:
+    type:
+      type: enum
+      symbols: [auto, nccl, gloo]
+    default: auto
+    label: Communication backend
+    doc: auto (NCCL on GPUs, RCCL on AMD through the same name, gloo on CPU), nccl or gloo.
+    inputBinding: {prefix: --backend}
+  nnodes:
+    type: int
+    default: 1
+    label: Nodes
+    doc: |
+      Nodes the training spans; inside a SLURM allocation srun starts the workers (the generated
+      round.cwl sets it from the facility's `nodes`).
+    inputBinding: {prefix: --nnodes}
+  nproc_per_node:
+    type: int
+    default: 1
+    label: Workers per node
+    doc: |
+      Training processes per node, one per GPU (on CPU, processes sharing the node); with more than
+      one in all, the model is sharded across them (FSDP2) and only the first writes the update.
+    inputBinding: {prefix: --nproc-per-node}
   eval_fraction:
     type: float?
     label: Held-out share

@@ -15,6 +15,8 @@ _CLICK_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "names":
 
 
 def _option(p: Param) -> Callable:
+    if p.kind == "bool":  # CWL's boolean binding: the flag when true, nothing when false
+        return click.option(p.flag, p.name, is_flag=True, default=bool(p.default), help=p.help)
     kind = click.Choice(p.choices) if p.kind == "choice" else _CLICK_TYPES[p.kind]
     default = p.shown_default if p.kind in ("names", "pair") else p.default
     says_default = "{default}" in (p.doc or "")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from xffl_cwl.commands.options import settings_from, settings_options
-from xffl_cwl.contract.layout import DEADLINE_ENV, STATUS_FILE_ENV
+from xffl_cwl.contract.layout import DEADLINE_ENV, STATUS_FILE_ENV, WORKER_ENV
 from xffl_cwl.contract.options import DEVICES, TrainOptions, tool_params
 
 _dir = click.Path(path_type=Path)
@@ -38,6 +38,20 @@ def _deadline(value: str | None) -> float | None:
 @click.option("--round", "round_", type=int, default=1, show_default=True, help="Federated round number.")
 @settings_options(TrainOptions)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Nodes the training spans (inside a SLURM allocation: srun starts the workers).",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Workers per node, one per GPU (on CPU, processes sharing the node).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option(
     "--status",
@@ -58,22 +72,32 @@ def train_command(
     facility: str,
     round_: int,
     device: str,
+    nnodes: int,
+    nproc_per_node: int,
     no_progress: bool,
     status: Path | None,
     deadline: str | None,
     **settings,
 ) -> None:
     """Fine-tune the global model on this facility's data and write the update."""
+    args = ["--model", str(model), "--dataset", str(dataset), "--out", str(out), "--facility", facility]
+    args += ["--round", str(round_), "--device", device] + (["--no-progress"] if no_progress else [])
+    for p in tool_params(TrainOptions):
+        value = settings[p.name]
+        if p.kind == "bool":
+            args += [p.flag] if value else []
+        elif value is not None:
+            args += [p.flag, str(value)]
     if status is not None:
         from xffl_cwl.learning.launcher import run_guarded
 
-        child = ["--model", str(model), "--dataset", str(dataset), "--out", str(out), "--facility", facility]
-        child += ["--round", str(round_), "--device", device] + (["--no-progress"] if no_progress else [])
-        for p in tool_params(TrainOptions):
-            if settings[p.name] is not None:
-                child += [p.flag, str(settings[p.name])]
-        code = run_guarded(child, status, facility, round_, _deadline(deadline), out, click.echo)
+        world = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node)]
+        code = run_guarded(args + world, status, facility, round_, _deadline(deadline), out, click.echo)
         raise SystemExit(code)
+    if nnodes * nproc_per_node > 1 and os.environ.get(WORKER_ENV) != "1":
+        from xffl_cwl.learning.workers import launch
+
+        raise SystemExit(launch(args, nnodes, nproc_per_node))
 
     from xffl_cwl.contract.records import Event
     from xffl_cwl.learning.train import TrainConfig, train
@@ -81,6 +105,8 @@ def train_command(
     options = settings_from(TrainOptions, settings)
     cfg = TrainConfig(model, dataset, out, facility, round_, options, device, progress=not no_progress)
     r = train(cfg)
+    if r is None:  # a worker other than the main one: it wrote nothing
+        return
     event = Event(
         "trained",
         round=r.round,

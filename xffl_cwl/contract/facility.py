@@ -18,6 +18,7 @@ SBATCH_FLAGS: dict[str, str] = {
     "time": "--time",
     "nodes": "--nodes",
     "gpus_per_node": "--gpus-per-node",
+    "ntasks_per_node": "--ntasks-per-node",
     "cpus_per_task": "--cpus-per-task",
     "mem": "--mem",
     "constraint": "--constraint",
@@ -59,6 +60,7 @@ class SbatchOptions:
     time: str | None = None
     nodes: int | None = None
     gpus_per_node: int | None = None
+    ntasks_per_node: int | None = None  # training workers per node; default one per GPU, else 1
     cpus_per_task: int | None = None
     mem: str | None = None
     constraint: str | None = None

@@ -36,6 +36,10 @@ FACILITY_CONNECTOR = "xffl-facility"
 # A job that records its own outcome names the file in this variable; the plugin then writes that
 # record itself when SLURM ends the job (timeout, node failure, deadline), and reports success.
 STATUS_FILE_ENV = "XFFL_STATUS_FILE"
+WORKER_ENV = "XFFL_WORKER"  # set by `xffl-cwl train`'s launcher on its workers: this process is one of several
+NNODES_ENV = "XFFL_NNODES"  # the nodes and workers per node of that training
+NPROC_ENV = "XFFL_NPROC_PER_NODE"
+WORKER_EXEC_ENV = "XFFL_WORKER_EXEC"  # set by a SLURM template: what srun runs each worker in (a container)
 DEADLINE_ENV = "XFFL_DEADLINE"  # seconds from a job's submission to its end, queue wait included
 
 # State `xffl-cwl run` keeps in a run folder: the lock, the attempts, completed rounds, job journals

@@ -15,6 +15,8 @@ from xffl_cwl.contract.strategies import STRATEGY_NAMES, default_lrs, users_of
 
 Mode = Literal["full", "lora"]
 Precision = Literal["fp32", "bf16"]
+Sharding = Literal["auto", "full", "hybrid"]
+Backend = Literal["auto", "nccl", "gloo"]
 LoraMerge = Literal["exact", "fedit"]
 Weighting = Literal["samples", "tokens", "uniform"]
 Merge = Literal["mean", "trimmed_mean", "median"]
@@ -69,6 +71,20 @@ class TrainOptions:
     )
     precision: Precision = setting(
         "fp32", "Training precision", "fp32, or bf16 mixed precision with fp32 master weights.", always=True
+    )
+    sharding: Sharding = setting(
+        "auto",
+        "Sharding across workers",
+        "With several workers: full (FSDP: parameters, gradients and optimizer state sharded over all of them), "
+        "hybrid (HSDP: sharded inside a node, replicated across nodes) or auto (hybrid on several nodes, else full).",
+    )
+    activation_checkpointing: bool = setting(
+        False, "Activation checkpointing", "Recompute each decoder layer's activations in the backward pass."
+    )
+    backend: Backend = setting(
+        "auto",
+        "Communication backend",
+        "auto (NCCL on GPUs, RCCL on AMD through the same name, gloo on CPU), nccl or gloo.",
     )
     grad_accum: int = setting(
         1, "Gradient accumulation", "Micro-batches per optimizer step (default {default}).", minimum=1

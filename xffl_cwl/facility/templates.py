@@ -130,4 +130,16 @@ def nvidia_gpus(template: Template, sbatch: SbatchOptions) -> int:
     """GPUs per node a job asks for when they are NVIDIA ones (what cwltool's CUDARequirement describes)."""
     if template.gpu_vendor != "nvidia":
         return 0
+    return gpus_per_node(template, sbatch)
+
+
+def gpus_per_node(template: Template, sbatch: SbatchOptions) -> int:
     return sbatch.gpus_per_node if sbatch.gpus_per_node is not None else int(template.default("gpus_per_node") or 0)
+
+
+def training_world(template: Template, sbatch: SbatchOptions) -> tuple[int, int]:
+    """(nodes, workers per node) of a train job: the presets' `--nodes` and `--ntasks-per-node`,
+    one worker per GPU unless ntasks_per_node says otherwise (CPU nodes: 1)."""
+    nodes = sbatch.nodes if sbatch.nodes is not None else int(template.default("nodes") or 1)
+    tasks = sbatch.ntasks_per_node or template.default("ntasks_per_node") or gpus_per_node(template, sbatch) or 1
+    return nodes, int(tasks)

@@ -147,11 +147,14 @@ def _deployment(value: Any, where: _Where, base: Path) -> Deployment:
     kind = _choice(value["kind"], where / "kind", DEPLOYMENT_KINDS)
     if kind == "slurm":
         return _slurm(value, where, base)
-    section = _mapping(value, where, ("kind", "workdir", "gpus"), ("kind",))
+    section = _mapping(value, where, ("kind", "workdir", "gpus", "workers"), ("kind",))
     workdir = section.get("workdir")
     gpus = _int(section.get("gpus", 0), where / "gpus", 0)
+    workers = section.get("workers")
     return LocalDeployment(
-        workdir=None if workdir is None else (base / _str(workdir, where / "workdir")).resolve(), gpus=gpus
+        workdir=None if workdir is None else (base / _str(workdir, where / "workdir")).resolve(),
+        gpus=gpus,
+        workers=None if workers is None else _int(workers, where / "workers", 1),
     )
 
 
@@ -181,6 +184,7 @@ SBATCH_CHECKS: dict[str, Callable[[Any, _Where], Any]] = {
     "time": _time,
     "nodes": lambda v, w: _int(v, w, 1),
     "gpus_per_node": lambda v, w: _int(v, w, 0),
+    "ntasks_per_node": lambda v, w: _int(v, w, 1),
     "cpus_per_task": lambda v, w: _int(v, w, 1),
     "mem": _str,
     "constraint": _str,

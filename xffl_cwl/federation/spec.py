@@ -17,6 +17,7 @@ class LocalDeployment:
     kind: Literal["local"] = "local"
     workdir: Path | None = None  # None: work/<name> inside the run folder
     gpus: int = 0
+    workers: int | None = None  # training processes; None: one per GPU, else 1
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from xffl_cwl.contract.layout import (
 from xffl_cwl.contract.options import AggregateOptions, TrainOptions, tool_params, tool_values
 from xffl_cwl.contract.params import Param
 from xffl_cwl.contract.strategies import STRATEGIES
-from xffl_cwl.facility.templates import load_template, nvidia_gpus
+from xffl_cwl.facility.templates import load_template, nvidia_gpus, training_world
 from xffl_cwl.federation.spec import FacilitySpec, FederationSpec, LocalDeployment
 
 CWLTOOL_NAMESPACE = "http://commonwl.org/cwltool#"
@@ -88,11 +88,20 @@ def nvidia_gpus_of(facility: FacilitySpec) -> int:
     return nvidia_gpus(template, deployment.facility.sbatch)
 
 
+def training_world_of(facility: FacilitySpec) -> tuple[int, int]:
+    """(nodes, workers per node) of a facility's training: declared for a local one, from the template for SLURM."""
+    deployment = facility.deployment
+    if isinstance(deployment, LocalDeployment):
+        return 1, deployment.workers or max(1, deployment.gpus)
+    template = load_template(deployment.facility.template, Path("."))
+    return training_world(template, deployment.facility.sbatch)
+
+
 def _weight_limits(spec: FederationSpec) -> dict[str, list[str]]:
     """What each facility may weigh, from federation.yml: fixed weights, else what it can train in a round.
 
-    With local_steps a facility trains at most local_steps x batch_size x grad_accum sequences (x
-    seq_len tokens); an update that declares more counts that much. With epochs the workflow cannot
+    With local_steps a facility trains at most local_steps x batch_size x workers x grad_accum
+    sequences (x seq_len tokens); an update that declares more counts that much. With epochs the workflow cannot
     know the data's size, so the declared counts stand unless federation.yml sets weights.
     """
     if any(f.weight is not None for f in spec.facilities):
@@ -103,9 +112,12 @@ def _weight_limits(spec: FederationSpec) -> dict[str, list[str]]:
     for f in spec.facilities:
         t = f.training
         if t.local_steps is not None:
+            nodes, per_node = training_world_of(f)
             cap = (
                 t.local_steps
                 * t.batch_size
+                * nodes
+                * per_node
                 * t.grad_accum
                 * (t.seq_len if spec.aggregation.weighting == "tokens" else 1)
             )
@@ -123,6 +135,10 @@ def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowS
     ]
     if facility.deadline is not None:
         inputs.append(cwl.WorkflowStepInput(id="deadline", default=facility.deadline, loadingOptions=lo))
+    nodes, per_node = training_world_of(facility)
+    for name, value in (("nnodes", nodes), ("nproc_per_node", per_node)):
+        if value != 1:
+            inputs.append(cwl.WorkflowStepInput(id=name, default=value, loadingOptions=lo))
     inputs += [
         cwl.WorkflowStepInput(id=k, default=v, loadingOptions=lo)
         for k, v in _training_defaults(facility.training).items()

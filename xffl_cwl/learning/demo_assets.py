@@ -42,6 +42,14 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
         "num_attention_heads": 16,
         "num_key_value_heads": 16,
     },
+    # About 1B parameters (TinyLlama's shape): the GPU training check, benchmarks/gpu_train.py.
+    "bench-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
 }
 
 _WORDS = ("red", "blue", "green", "quick", "lazy", "small", "old", "young", "happy", "dark")

@@ -15,24 +15,40 @@ from xffl_cwl.learning.model_dir import ADAPTER_SUBDIR, has_adapter
 
 @torch.no_grad()
 def mean_loss(
-    model, blocks: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32"
+    model, blocks: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32", world=None
 ) -> float | None:
-    """Token-weighted mean next-token cross-entropy over `blocks`, or None when there are none."""
+    """Token-weighted mean next-token cross-entropy over `blocks`, or None when there are none.
+
+    With several workers (`world`), each takes its slice of every batch of batch_size x workers
+    blocks; a worker whose slice is empty still runs a forward (weighted 0), because a sharded
+    model's forward is a collective."""
     if blocks.shape[0] == 0:
         return None
+    size, rank = (world.size, world.rank) if world is not None else (1, 0)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i : i + batch_size].to(device)
+    span = batch_size * size
+    for i in range(0, blocks.shape[0], span):
+        batch = blocks[i + rank * batch_size : min(i + (rank + 1) * batch_size, i + span, blocks.shape[0])]
+        weight = 1
+        if batch.shape[0] == 0:
+            batch, weight = blocks[:1], 0
+        batch = batch.to(device)
         with autocast(device, precision):
             logits = model(input_ids=batch).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        total += loss.item() * weight
+        count += batch[:, 1:].numel() * weight
     model.train(was_training)
+    if hasattr(model, "reshard"):  # a sharded model keeps its root gathered after a forward without backward
+        model.reshard()
+    if size > 1:
+        from xffl_cwl.learning.distributed import sum_all
+
+        total, count = sum_all([total, float(count)], world)
     value = total / count
     return value if math.isfinite(value) else float("nan")
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +28,10 @@ from xffl_cwl.contract.options import TrainOptions, tool_params, tool_values
 from xffl_cwl.contract.params import ParamError
 from xffl_cwl.contract.records import HeldOut, LoraSummary, LossSpan, UpdateRecord, finite_or_none, json_text
 from xffl_cwl.errors import InputError
+from xffl_cwl.learning import distributed
 from xffl_cwl.learning.data import load_texts, pack_blocks, split_blocks
-from xffl_cwl.learning.devices import autocast, pick_device
+from xffl_cwl.learning.devices import autocast
+from xffl_cwl.learning.distributed import World
 from xffl_cwl.learning.evaluation import mean_loss
 from xffl_cwl.learning.model_dir import ADAPTER_SUBDIR, copy_side_files, fingerprint, has_adapter
 from xffl_cwl.learning.safetensors_stream import ShardWriter, read_checkpoint, specs_of
@@ -128,26 +132,46 @@ def _load_model(cfg: TrainConfig, base_fingerprint: str):
         raise InputError(f"--lora-targets {','.join(settings.targets)}: {str(exc).splitlines()[0]}") from exc
 
 
-def _write_full_update(model, cfg: TrainConfig, out: Path) -> None:
-    """New weights in the global model's exact layout: names, shapes, dtypes and shards."""
+def _write_full_update(model, cfg: TrainConfig, out: Path | None) -> None:
+    """New weights in the global model's exact layout: names, shapes, dtypes and shards.
+
+    Sharded, each tensor is gathered whole, written by the main worker (`out`; None on the others)
+    and freed before the next, so no worker ever holds the whole model."""
     ckpt = read_checkpoint(cfg.model)
     state = model.state_dict()
+    before, highest = _rss_mib(), 0.0
     for shard in ckpt.shards:
-        writer = ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata)
+        writer = None if out is None else ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata)
         for entry in shard.entries:
             if entry.name not in state:
                 raise RuntimeError(f"trained model has no tensor {entry.name!r} that the global model stores")
-            writer.write(entry.name, state[entry.name].detach().to("cpu", entry.torch_dtype))
-        writer.close()
+            tensor = distributed.full(state[entry.name].detach()).to("cpu", entry.torch_dtype)
+            if writer is not None:
+                writer.write(entry.name, tensor)
+            highest = max(highest, _rss_mib())
+            del tensor
+        if writer is not None:
+            writer.close()
+    log.info("writing the update took at most %.0f MiB more memory", max(0.0, highest - before))
+    if out is None:
+        return
     if ckpt.index_name:
         shutil.copy2(Path(cfg.model) / ckpt.index_name, out / ckpt.index_name)
     copy_side_files(cfg.model, out)
 
 
-def _write_lora_update(model, out: Path) -> None:
+def _write_lora_update(model, out: Path | None, world: World) -> None:
+    """The adapter in PEFT's layout; sharded, its tensors are gathered first (they are small)."""
+    state = None
+    if world.distributed:
+        state = {k: distributed.full(v.detach()).cpu() for k, v in model.state_dict().items() if "lora_" in k}
+    if out is None:
+        return
     for config in model.peft_config.values():
         config.base_model_name_or_path = None  # a facility-local path means nothing elsewhere
-    model.save_pretrained(out)
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question while saving
+        warnings.simplefilter("ignore", FutureWarning)
+        model.save_pretrained(out, **({} if state is None else {"state_dict": state}))
     (out / "README.md").unlink(missing_ok=True)
 
 
@@ -156,12 +180,41 @@ def _lora_summary(model) -> LoraSummary:
     return LoraSummary(config.r, config.lora_alpha, sorted(config.target_modules), config.lora_dropout)
 
 
-def train(cfg: TrainConfig) -> UpdateRecord:
-    """Fine-tune and write the update directory at `cfg.out`; returns the update.json record."""
+def _rss_mib() -> float:
+    """Resident memory now (the peak counter cannot show a phase that stays below an earlier peak)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _log_peak_memory(world: World, device) -> None:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = f", GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+    log.info("worker %d of %d: peak RSS %.0f MiB%s", world.rank, world.size, rss, gpu)
+
+
+def train(cfg: TrainConfig) -> UpdateRecord | None:
+    """Fine-tune and write the update directory at `cfg.out`; returns the update.json record
+    (None on the workers other than the main one, which write nothing)."""
+    cfg.check()
+    world = distributed.world_from_env()
+    device = distributed.worker_device(world, cfg.device)
+    if not world.distributed:
+        return _train(cfg, world, device)
+    distributed.start(world, distributed.pick_backend(cfg.options.backend, device), device)
+    try:
+        return _train(cfg, world, device)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: TrainConfig, world: World, device) -> UpdateRecord | None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    cfg.check()
     opts = cfg.options
     started = time.perf_counter()
     base_fingerprint = fingerprint(cfg.model)
@@ -173,16 +226,30 @@ def train(cfg: TrainConfig) -> UpdateRecord:
         raise InputError(
             f"dataset {cfg.dataset} yields no training sequence of --seq-len {opts.seq_len} tokens; lower --seq-len"
         )
-    device = pick_device(cfg.device)
-    model = _load_model(cfg, base_fingerprint).to(device)
-    per_step = opts.batch_size * opts.grad_accum
+    model = _load_model(cfg, base_fingerprint)
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = False  # training
+    if opts.activation_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharding = "none"
+    if world.distributed:
+        sharding = distributed.shard(model, world, opts.sharding, opts.precision, device)
+    else:
+        model = model.to(device)
+    # Mixed precision of a sharded model is FSDP's policy; a single process autocasts.
+    precision = "fp32" if world.distributed else opts.precision
+    # The global batch is batch_size x workers x grad_accum: the same samples in the same order
+    # for a given seed whatever the number of workers, each worker taking its slice.
+    span = opts.batch_size * world.size
+    per_step = span * opts.grad_accum
     steps = opts.local_steps or max(1, math.ceil((opts.epochs or 1.0) * train_blocks.shape[0] / per_step))
     warmup = opts.warmup_steps if opts.warmup_steps is not None else max(1, steps // 10)
 
-    eval_before = mean_loss(model, eval_blocks, opts.batch_size, device, opts.precision)
+    # The optimizer takes the (sharded) parameters before any forward pass has gathered them.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(steps, warmup))
+    eval_before = mean_loss(model, eval_blocks, opts.batch_size, device, precision, world)
     generator = torch.Generator().manual_seed(_stable_seed("order", opts.seed, cfg.round, cfg.facility))
     torch.manual_seed(_stable_seed("dropout", opts.seed, cfg.round, cfg.facility))
     order = torch.randperm(train_blocks.shape[0], generator=generator)
@@ -195,22 +262,25 @@ def train(cfg: TrainConfig) -> UpdateRecord:
         range(steps),
         desc=f"{cfg.facility} round {cfg.round}",
         file=sys.stderr,
-        disable=not cfg.progress,
+        disable=not cfg.progress or not world.main,
         dynamic_ncols=True,
     )
     for step in bar:
         step_loss = 0.0
         for _ in range(opts.grad_accum):
-            if cursor + opts.batch_size > order.numel():
+            while cursor + span > order.numel():
                 order = torch.cat([order[cursor:], torch.randperm(train_blocks.shape[0], generator=generator)])
                 cursor = 0
-            batch = train_blocks[order[cursor : cursor + opts.batch_size]].to(device)
-            cursor += opts.batch_size
-            with autocast(device, opts.precision):
+            mine = order[cursor + world.rank * opts.batch_size : cursor + (world.rank + 1) * opts.batch_size]
+            batch = train_blocks[mine].to(device)
+            cursor += span
+            with autocast(device, precision):
                 loss = model(input_ids=batch, labels=batch).loss / opts.grad_accum
             loss.backward()
             step_loss += loss.item()
-            tokens += batch.numel()
+            tokens += batch.numel() * world.size
+        if world.distributed:
+            step_loss = distributed.sum_all([step_loss], world)[0] / world.size
         if not math.isfinite(step_loss):
             raise RuntimeError(f"training diverged at step {step + 1} (loss {step_loss}); lower --lr")
         torch.nn.utils.clip_grad_norm_(trainable, opts.max_grad_norm)
@@ -220,13 +290,21 @@ def train(cfg: TrainConfig) -> UpdateRecord:
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}")
     train_seconds = time.perf_counter() - train_started
-    eval_after = mean_loss(model, eval_blocks, opts.batch_size, device, opts.precision)
+    eval_after = mean_loss(model, eval_blocks, opts.batch_size, device, precision, world)
 
+    if not world.main:
+        if opts.mode == "full":
+            _write_full_update(model, cfg, None)
+        else:
+            _write_lora_update(model, None, world)
+        distributed.barrier(world)
+        _log_peak_memory(world, device)
+        return None
     with atomic_dir(Path(cfg.out)) as tmp:
         if opts.mode == "full":
             _write_full_update(model, cfg, tmp)
         else:
-            _write_lora_update(model, tmp)
+            _write_lora_update(model, tmp, world)
         bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         values = tool_values(opts)
         record = UpdateRecord(
@@ -245,10 +323,13 @@ def train(cfg: TrainConfig) -> UpdateRecord:
             tokens_per_second=round(tokens / train_seconds, 1) if train_seconds > 0 else None,
             bytes_written=bytes_written,
             lora=_lora_summary(model) if opts.mode == "lora" else None,
-            hyperparameters={k: values[k] for k in RECORDED_SETTINGS} | {"warmup_steps": warmup},
+            hyperparameters={k: values[k] for k in RECORDED_SETTINGS}
+            | {"warmup_steps": warmup, "workers": world.size, "global_batch": per_step, "sharding": sharding},
             device=str(device),
             software={"xffl_cwl": __version__, "torch": torch.__version__},
         )
         (tmp / UPDATE_JSON).write_text(json_text(record.to_json()))
+    distributed.barrier(world)
     log.info("%s round %d: %d steps, loss %.4f -> %.4f", cfg.facility, cfg.round, steps, losses[0], losses[-1])
+    _log_peak_memory(world, device)
     return record

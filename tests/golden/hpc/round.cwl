@@ -67,6 +67,7 @@ steps:
       facility: {default: leonardo}
       round: round
       left_out: left_out
+      nproc_per_node: {default: 4}
       mode: {default: lora}
       local_steps: {default: 10}
       batch_size: {default: 8}
@@ -94,6 +95,8 @@ steps:
       facility: {default: lumi}
       round: round
       left_out: left_out
+      nnodes: {default: 2}
+      nproc_per_node: {default: 8}
       mode: {default: lora}
       local_steps: {default: 10}
       batch_size: {default: 8}
@@ -146,8 +149,8 @@ steps:
       round: round
       max_weights:
         default:
-          - leonardo=10240
-          - lumi=10240
+          - leonardo=40960
+          - lumi=163840
           - vega=5120
       strategy: {default: fedadam}
       min_updates: {default: 3}

@@ -86,6 +86,7 @@ steps:
       facility: {default: lumi}
       round: round
       left_out: left_out
+      nproc_per_node: {default: 2}
       mode: {default: full}
       epochs: {default: 1.0}
       batch_size: {default: 2}
