@@ -200,6 +200,19 @@ def run_aggregate(
     return aggregate(AggregateConfig(global_dir, named, out, options, state, state_out, round, chunk_elems)).to_json()
 
 
+def facility_processes(facility: dict) -> list[str]:
+    """Training processes still alive under a facility's user: a cancelled job must leave none."""
+    proc = subprocess.run(["pgrep", "-u", facility["username"], "-f", "xffl-cwl train"], capture_output=True, text=True)
+    alive = []
+    for pid in proc.stdout.split():
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except OSError:
+            continue
+    return alive
+
+
 def squeue(facility: dict) -> list[str]:
     """This project's jobs still queued or running on a facility's cluster ("ID NAME" lines)."""
     proc = subprocess.run(

@@ -15,7 +15,17 @@ import pytest
 from safetensors.torch import load_file
 from test_interruptions import _processes_of
 
-from conftest import REPO, jobcomp, place_dataset, restart_sshd, run_cli, slurm_facility_yaml, squeue, wait_until
+from conftest import (
+    REPO,
+    facility_processes,
+    jobcomp,
+    place_dataset,
+    restart_sshd,
+    run_cli,
+    slurm_facility_yaml,
+    squeue,
+    wait_until,
+)
 from xffl_cwl.federation import load_federation
 from xffl_cwl.generator import generate
 
@@ -251,7 +261,11 @@ def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-        wait_until(lambda: not any(squeue(c) for c in clusters) and not _processes_of(run_dir), 30, "nothing left")
+        wait_until(
+            lambda: not any(squeue(c) or facility_processes(c) for c in clusters) and not _processes_of(run_dir),
+            30,
+            "nothing left",
+        )
         clean_after = time.monotonic() - stopped
         assert clean_after < 30
         assert f"Resume with: xffl-cwl run {run_dir} --resume" in err
@@ -275,6 +289,7 @@ def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_
     # the resume found them in the job journal (those that had not finished meanwhile are cancelled)
     assert re.search(r"(leonardo|lumi): (cancelled SLURM job\(s\) \d+|no job left in the queue)", resumed.stderr)
     assert not any(squeue(c) for c in clusters)
+    wait_until(lambda: not any(facility_processes(c) for c in clusters), 30, "the cancelled jobs' processes to end")
     for name in FACILITIES:
         jobs = [
             (j["Name"].rsplit("-", 1)[1], j["JobState"]) for j in jobcomp(facilities["by_name"][name])[before[name] :]

@@ -40,14 +40,26 @@ def _collect(stream, lines: list[str]) -> None:
     stream.close()
 
 
-def _stop(child: subprocess.Popen) -> None:
-    if child.poll() is None:
-        child.terminate()
+def _wait(child: subprocess.Popen, deadline: float | None, interrupted: list[int]) -> bool:
+    """Wait for the child; past the deadline, or once interrupted, SIGTERM it, then SIGKILL it
+    STOP_GRACE seconds later. True when the deadline ended it."""
+    started = time.monotonic()
+    expired = False
+    kill_at: float | None = None
+    while True:
         try:
-            child.wait(STOP_GRACE)
+            child.wait(timeout=0.5)
+            return expired
         except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if deadline is not None and not expired and not interrupted and now - started > deadline:
+            expired = True
+            child.terminate()
+        if (expired or interrupted) and kill_at is None:
+            kill_at = now + STOP_GRACE
+        if kill_at is not None and now > kill_at:
             child.kill()
-            child.wait()
 
 
 def _reason(code: int, tail: deque) -> str:
@@ -90,17 +102,14 @@ def run_guarded(
     interrupted: list[int] = []
 
     def forward(signum: int, _frame) -> None:
+        # Only signal here: the main thread may be inside child.wait(), holding the lock that any
+        # wait from this handler would need; it escalates to SIGKILL itself.
         interrupted.append(signum)
-        _stop(child)
+        child.terminate()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        expired = False
-        try:
-            child.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            expired = True
-            _stop(child)
+        expired = _wait(child, deadline, interrupted)
         for pump in pumps:
             pump.join(timeout=5)
     finally:
