@@ -29,12 +29,12 @@ from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, read
 # A fresh, small interpreter starts the measured command: Linux carries the peak RSS of the
 # address space a child was forked from into the child's own figure, so forking it from this
 # (large) process would report our memory, not its own.
-_LAUNCHER = """
+LAUNCHER = """
 import os, subprocess, sys
 proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 err = proc.stderr.read()
 _, status, usage = os.wait4(proc.pid, 0)
-sys.stderr.buffer.write(err[-4000:])
+sys.stderr.buffer.write(err[-20000:])
 print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
 """
 
@@ -42,7 +42,7 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
 def peak_rss(cmd: list[str]) -> tuple[int, float]:
     """(peak RSS in bytes, seconds) of one command, measured by the kernel for that process alone."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     code, rss = (int(v) for v in proc.stdout.split())
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({code}): {proc.stderr[-2000:]}")

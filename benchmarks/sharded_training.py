@@ -22,14 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-_LAUNCHER = """
-import os, subprocess, sys
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-err = proc.stderr.read()
-_, status, usage = os.wait4(proc.pid, 0)
-sys.stderr.buffer.write(err[-20000:])
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
-"""
+from aggregate_memory import LAUNCHER  # measures a command's own peak RSS (os.wait4)
+
 PEAK = re.compile(r"worker (\d+) of \d+: peak RSS (\d+) MiB")
 WRITE = re.compile(r"writing the update took at most (\d+) MiB more memory")
 
@@ -40,7 +34,7 @@ def run(model: Path, dataset: Path, out: Path, workers: int, batch: int, steps: 
         "--out", str(out), "--facility", "bench", "--local-steps", str(steps), "--batch-size", str(batch // workers),
         "--seq-len", "128", "--mode", mode, "--no-progress", "--nproc-per-node", str(workers),
     ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
     code, own_peak = proc.stdout.split()
     if int(code) != 0:
         raise SystemExit(f"training failed:\n{proc.stderr[-3000:]}")

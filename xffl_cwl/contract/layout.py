@@ -37,8 +37,7 @@ FACILITY_CONNECTOR = "xffl-facility"
 # record itself when SLURM ends the job (timeout, node failure, deadline), and reports success.
 STATUS_FILE_ENV = "XFFL_STATUS_FILE"
 WORKER_ENV = "XFFL_WORKER"  # set by `xffl-cwl train`'s launcher on its workers: this process is one of several
-NNODES_ENV = "XFFL_NNODES"  # the nodes and workers per node of that training
-NPROC_ENV = "XFFL_NPROC_PER_NODE"
+NNODES_ENV = "XFFL_NNODES"  # the nodes that training spans
 WORKER_EXEC_ENV = "XFFL_WORKER_EXEC"  # set by a SLURM template: what srun runs each worker in (a container)
 DEADLINE_ENV = "XFFL_DEADLINE"  # seconds from a job's submission to its end, queue wait included
 

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 
-from xffl_cwl.contract.layout import NNODES_ENV, NPROC_ENV, WORKER_ENV, WORKER_EXEC_ENV
+from xffl_cwl.contract.layout import NNODES_ENV, WORKER_ENV, WORKER_EXEC_ENV
 
 STOP_GRACE = 10.0  # seconds the other workers get between SIGTERM and SIGKILL once one has died
 SRUN_TASK = re.compile(r"srun: error: \S+: tasks? (\d+)(?:-\d+)?: (.*)")
@@ -112,13 +112,12 @@ def _pump_srun(stream, workers: Workers, is_stdout: bool) -> None:
     stream.close()
 
 
-def _environment(nnodes: int, nproc: int, master: str, port: int) -> dict[str, str]:
+def _environment(nnodes: int, master: str, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             WORKER_ENV: "1",
             NNODES_ENV: str(nnodes),
-            NPROC_ENV: str(nproc),
             "MASTER_ADDR": master,
             "MASTER_PORT": str(port),
             "PYTHONUNBUFFERED": "1",
@@ -150,7 +149,7 @@ def launch(train_args: list[str], nnodes: int, nproc: int) -> int:
             "srun", "--overlap", f"--nodes={nnodes}", f"--ntasks={size}", f"--ntasks-per-node={nproc}",
             "--kill-on-bad-exit=1", "--label", "--unbuffered", *prefix, *command,
         ]  # fmt: skip
-        env = _environment(nnodes, nproc, socket.gethostname(), free_port())
+        env = _environment(nnodes, socket.gethostname(), free_port())
         print(f"xffl-cwl train: {size} workers ({nnodes} node(s) x {nproc}) started with srun", file=sys.stderr)
         procs = [
             subprocess.Popen(
@@ -162,7 +161,7 @@ def launch(train_args: list[str], nnodes: int, nproc: int) -> int:
             threading.Thread(target=_pump_srun, args=(procs[0].stderr, workers, False), daemon=True),
         ]
     else:
-        env = _environment(1, nproc, "127.0.0.1", free_port())
+        env = _environment(1, "127.0.0.1", free_port())
         # the workers share this machine's cores (as torchrun does; a SLURM template sets its own)
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
         print(f"xffl-cwl train: {size} workers started as local processes", file=sys.stderr)
