@@ -12,14 +12,21 @@
 # environment with xffl-cwl that the login users' jobs run in (env/: what a facility's container
 # image would hold). Needs root and Debian (apt-get), no systemd.
 #
+# The facilities also run podman, rootless for their login users (overlay storage in each user's home);
+# when containers/build.sh has saved the xffl-cwl image, `up` loads it into each user's storage (once),
+# as a site would place an image for its users.
+#
 # Knobs: XFFL_FACILITIES_DIR (/var/tmp/xffl-facilities), XFFL_FACILITIES ("leonardo lumi"),
-#        XFFL_NODE_CPUS (4: more than the cores, so several 1-CPU jobs run at once).
+#        XFFL_NODE_CPUS (4: more than the cores, so several 1-CPU jobs run at once),
+#        XFFL_IMAGE_ARCHIVE (/var/tmp/xffl-cwl-build/images/xffl-cwl-VERSION.tar).
 set -euo pipefail
 
 BASE=${XFFL_FACILITIES_DIR:-/var/tmp/xffl-facilities}
 NAMES=${XFFL_FACILITIES:-"leonardo lumi"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client procps python3-venv)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client procps python3-venv podman runc uidmap debootstrap)
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO/pyproject.toml" | head -1)
+ARCHIVE=${XFFL_IMAGE_ARCHIVE:-/var/tmp/xffl-cwl-build/images/xffl-cwl-$VERSION.tar}
 
 log() { printf '[facilities %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -52,14 +59,17 @@ install_packages() {
 # The jobs run as the login users, who cannot read root's Python: give them their own environment
 # (the stand-in for a facility's container image), with this checkout of xffl-cwl installed.
 python_env() {
-  local env=$BASE/env stamp
+  local env=$BASE/env stamp runners
+  # cwltool and cwltest as the test extra pins them: a login user runs `cwltool --podman` (rootless only)
+  runners=$(python3 -c 'import sys, tomllib; t = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["test"]; print(" ".join(r for r in t if r.startswith(("cwltool", "cwltest"))))' "$REPO/pyproject.toml")
   # rebuilt only when the dependencies change; the package itself is reinstalled every time
-  stamp=$(sed -n '/^dependencies = \[/,/^\]/p' "$REPO/pyproject.toml" | sha256sum | cut -c1-16)
+  stamp=$( (sed -n '/^dependencies = \[/,/^\]/p' "$REPO/pyproject.toml"; echo "$runners") | sha256sum | cut -c1-16)
   if [ ! -x "$env/bin/python" ] || [ "$(cat "$env/.deps" 2>/dev/null)" != "$stamp" ]; then
     log "building the facilities' Python environment in $env (once; about a minute)"
     rm -rf "$env"
     /usr/bin/python3 -m venv "$env"
-    "$env/bin/pip" install --disable-pip-version-check "torch==2.13.0" "$REPO" >"$BASE/env-install.log" 2>&1 \
+    # shellcheck disable=SC2086
+    "$env/bin/pip" install --disable-pip-version-check "torch==2.13.0" "$REPO" $runners >"$BASE/env-install.log" 2>&1 \
       || { tail -20 "$BASE/env-install.log" >&2; die "installing into $env failed (log: $BASE/env-install.log)"; }
     echo "$stamp" >"$env/.deps"
   else
@@ -85,6 +95,7 @@ facility_up() {  # facility_up NAME INDEX
   install -d -m 700 -o "$user" -g "$user" "$home/.ssh"
   install -m 600 -o "$user" -g "$user" "$BASE/keys/id_ed25519.pub" "$home/.ssh/authorized_keys"
   install -d -m 755 -o "$user" -g "$user" "$home/work"
+  podman_user "$user" "$home"
 
   [ -s "$F/munge/munge.key" ] || dd if=/dev/urandom of="$F/munge/munge.key" bs=1024 count=1 status=none
   chown munge:munge "$F/munge/munge.key" && chmod 400 "$F/munge/munge.key"
@@ -170,9 +181,41 @@ EOF
   log "$name: SLURM cluster $name (node $node, ctld :$ctld), sshd 127.0.0.1:$ssh_port, user $user"
 }
 
+# podman on this kind of machine (no systemd, cgroups v1, no /dev/net/tun): runc, no network namespace
+# of its own by default, and ulimits it may set. Written only where no site configuration exists.
+podman_config() {
+  [ -e /etc/containers/containers.conf ] && return 0
+  mkdir -p /etc/containers
+  cat >/etc/containers/containers.conf <<EOF
+# written by xffl-cwl's scripts/facilities.sh
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+netns = "none"
+[engine]
+runtime = "runc"
+EOF
+}
+
+podman_user() {  # podman_user USER HOME: rootless podman with the kernel's overlay, and the image
+  local user=$1 home=$2 id
+  grep -q "^$user:" /etc/subuid || usermod --add-subuids 300000-365535 --add-subgids 300000-365535 "$user"
+  install -d -m 755 -o "$user" -g "$user" "$home/.config" "$home/.config/containers"
+  printf '[storage]\ndriver = "overlay"\n' >"$home/.config/containers/storage.conf"
+  chown "$user:" "$home/.config/containers/storage.conf"
+  [ -s "$ARCHIVE" ] || return 0
+  id=$(tar -xOf "$ARCHIVE" manifest.json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Config"].split("/")[-1].split(".")[0])')
+  if [ "$(cd / && runuser -u "$user" -- podman image inspect --format '{{.Id}}' "localhost/xffl-cwl:$VERSION" 2>/dev/null)" != "$id" ]; then
+    log "loading $ARCHIVE into the podman storage of $user"
+    (cd / && runuser -u "$user" -- podman load -q -i "$ARCHIVE" >/dev/null 2>"$BASE/podman-load-$user.log") \
+      || die "podman load for $user failed ($BASE/podman-load-$user.log)"
+    (cd / && runuser -u "$user" -- podman image prune -f >/dev/null 2>&1) || true  # the image it replaced
+  fi
+}
+
 install_software() {
   [ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages and creates the login users)"
   install_packages
+  podman_config
   mkdir -p "$BASE"
   chmod 755 "$BASE"
   python_env
@@ -227,6 +270,9 @@ down() {
     if alive "$F/run/slurmctld.pid" /usr/sbin/slurmctld; then
       jobs=$(SLURM_CONF=$conf squeue -h -o %i 2>/dev/null | tr '\n' ' ')
       [ -n "${jobs// }" ] && SLURM_CONF=$conf scancel $jobs 2>/dev/null || true
+    fi
+    if id "hpc_$name" >/dev/null 2>&1 && command -v podman >/dev/null; then
+      (cd / && runuser -u "hpc_$name" -- podman stop --all --time 5 >/dev/null 2>&1) || true
     fi
     stop "$F/run/sshd.pid" /usr/sbin/sshd
     stop "$F/run/slurmd.pid" /usr/sbin/slurmd

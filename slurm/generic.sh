@@ -2,7 +2,7 @@
 # xffl-cwl generic SLURM template: any cluster, no modules, no site network settings.
 # Set the facility's `sbatch:` options in federation.yml or streamflow.yml (only those in `defaults`
 # below have a default here), `setup:` lines (e.g. `module load apptainer`, or
-# `. /path/to/venv/bin/activate`) and `container:` (runtime apptainer|singularity|none, options, image).
+# `. /path/to/venv/bin/activate`) and `container:` (runtime apptainer|singularity|podman|none, options, image).
 {% set defaults = {
   "job_name": "xffl",
   "nodes": 1,
@@ -44,7 +44,6 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {% if container_runtime == 'none' %}
 {{ streamflow_command }}
 {% else %}
-# Workers of a training on several nodes are started by srun, each in the container
-export XFFL_WORKER_EXEC={{ (container_runtime ~ " exec " ~ (container_options or "") ~ " " ~ container_binds ~ " " ~ (container_image | q)) | q }}
-{{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
+{{ container_setup }}
+{{ container_exec }} {{ streamflow_command }}
 {% endif %}

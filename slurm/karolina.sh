@@ -2,8 +2,8 @@
 # xffl-cwl SLURM template for Karolina (IT4Innovations, Czechia), accelerated partition: 8x NVIDIA A100 40 GB per node.
 # Set the facility's `sbatch:` and `container:` options in federation.yml or streamflow.yml; what it
 # leaves unset takes the value in `defaults` below (no account: it is always yours to give). The
-# container needs `image:`, a .sif on this system, unless `runtime: none`; the deployment's workdir
-# and the dataset's folder are bound into it.
+# container needs `image:`, a .sif on this system (an image name with `runtime: podman`), unless
+# `runtime: none`; the deployment's workdir and the dataset's folder are bound into it.
 {% set defaults = {
   "job_name": "xffl",
   "partition": "qgpu_exp",
@@ -44,7 +44,6 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {% if container_runtime == 'none' %}
 srun --ntasks=1 {{ streamflow_command }}
 {% else %}
-# Workers of a training on several nodes are started by srun, each in the container
-export XFFL_WORKER_EXEC={{ (container_runtime ~ " exec " ~ (container_options or "") ~ " " ~ container_binds ~ " " ~ (container_image | q)) | q }}
-srun --ntasks=1 {{ container_runtime }} exec {{ container_options }} {{ container_binds }} {{ container_image | q }} {{ streamflow_command }}
+{{ container_setup }}
+srun --ntasks=1 {{ container_exec }} {{ streamflow_command }}
 {% endif %}

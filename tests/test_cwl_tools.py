@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
@@ -30,11 +32,43 @@ def test_tool_is_valid_and_documented(tool):
     assert any(isinstance(p, dict) and p.get("type") == "File" for p in doc["outputs"].values())
 
 
-def test_cwltest_suite_runs_every_tool_and_the_example(tmp_path):
-    suite = tmp_path / "cwl"
-    shutil.copytree(REPO / "cwl", suite, ignore=shutil.ignore_patterns("data"))
-    subprocess.run(["bash", str(suite / "tests" / "prepare.sh")], check=True, capture_output=True)
-    proc = subprocess.run(
+@pytest.fixture(scope="module")
+def suite():
+    """cwl/ with its test data (cwl/tests/prepare.sh), made once, in a folder the facility users can read."""
+    root = Path(tempfile.mkdtemp(prefix="xffl-cwltest-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        shutil.copytree(REPO / "cwl", root / "cwl", ignore=shutil.ignore_patterns("data"))
+        subprocess.run(["bash", str(root / "cwl" / "tests" / "prepare.sh")], check=True, capture_output=True)
+        yield root / "cwl"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cwltest(command: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _passed(proc: subprocess.Popen, what: str) -> None:
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "All tests passed" in out, f"{what}: {out[-4000:]}"
+
+
+def test_cwltest_suite_runs_every_tool_and_the_example_with_and_without_the_image(suite, facilities):
+    """The suite with --no-container (the installed xffl-cwl), and at the same time with containers on:
+    cwltool --podman runs each tool in the image containers/build.sh made (DockerRequirement), as a login
+    user with rootless podman (cwltool's podman mode needs a non-root user). Nothing is left behind."""
+    user = facilities["by_name"]["leonardo"]["username"]
+    home = Path(facilities["by_name"]["leonardo"]["home"])
+    env_bin = Path(facilities["python_env"]) / "bin"
+    mine = suite.parent / "as-user"
+    shutil.copytree(suite, mine)
+    subprocess.run(["chown", "-R", f"{user}:", str(mine)], check=True)
+    before = _containers(user)
+    bare = _cwltest(
         [
             sys.executable,
             "-m",
@@ -48,10 +82,25 @@ def test_cwltest_suite_runs_every_tool_and_the_example(tmp_path):
             "--",
             "--no-container",
         ],
-        cwd=suite,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        suite,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "All tests passed" in proc.stdout + proc.stderr
+    podman = _cwltest(
+        [
+            "runuser", "-u", user, "--", "env", "-i", f"HOME={home}", f"PATH={env_bin}:/usr/bin:/bin",
+            str(env_bin / "cwltest"), "--test", "tests.yml", "--tool", "cwltool", "-j", "2", "--", "--podman",
+        ],
+        mine,
+    )  # fmt: skip
+    try:
+        _passed(bare, "cwltool --no-container")
+    finally:
+        _passed(podman, "cwltool --podman")
+    assert _containers(user) == before, "cwltool left containers behind"
+
+
+def _containers(user: str) -> list[str]:
+    proc = subprocess.run(
+        ["runuser", "-u", user, "--", "podman", "ps", "--all", "--quiet"],
+        cwd="/", capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return proc.stdout.split()

@@ -201,7 +201,7 @@ def test_workers_and_sharding_reach_the_train_steps_and_the_weight_caps(write, t
     text += (
         "  - name: karolina\n    dataset: /scratch/data\n    deployment:\n      kind: slurm\n"
         "      host: login.karolina.it4i.cz\n      username: me\n      template: leonardo\n      workdir: /scratch/me\n"
-        "      sbatch: {{account: A, nodes: 2, gpus_per_node: 4}}\n"
+        "      sbatch: {{account: A, nodes: 2, gpus_per_node: 4}}\n      container: {{image: /scratch/me/client.sif}}\n"
     )
     spec = load_federation(write(text.replace("min_updates: 2", "min_updates: 3")))
     generate(spec, tmp_path / "run")
@@ -229,4 +229,24 @@ def test_workers_and_sharding_reach_the_train_steps_and_the_weight_caps(write, t
 def test_world_and_sharding_mistakes_are_one_line(write, old, new, message):
     with pytest.raises(InputError) as err:
         load_federation(write(GOOD.replace(old, new)))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "container, message",
+    [
+        ("", "deployment.container.image: jobs run in singularity (template leonardo) but no image is set"),
+        ("      container: {{runtime: podman}}\n", "jobs run in podman (template leonardo) but no image is set; give the image (its name"),
+        ("      container: {{runtime: docker, image: x}}\n", "deployment.container.runtime: must be one of apptainer, singularity, podman, none"),
+    ],
+    ids=["preset runtime, no image", "podman, no image", "unknown runtime"],
+)  # fmt: skip
+def test_a_container_without_an_image_is_one_line_at_generate(write, container, message):
+    text = GOOD + (
+        "  - name: karolina\n    dataset: /scratch/data\n    deployment:\n      kind: slurm\n"
+        "      host: login.karolina.it4i.cz\n      username: me\n      template: leonardo\n      workdir: /scratch/me\n"
+        + container
+    )
+    with pytest.raises(InputError) as err:
+        load_federation(write(text))
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -250,6 +250,13 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "wrong format": (_record(format="pickle"), "update.json format"),
     "mode not known": (_record(mode="both"), "update.json mode"),
     "fingerprint not a digest": (_record(base_fingerprint="sha256:../../x"), "is not sha256:<64 hex digits>"),
+    "container not an object": (_record(container="podman"), "update.json container: must be a JSON object"),
+    "container image with a newline": (
+        lambda d: (d / "update.json").write_text(
+            (d / "update.json").read_text()[:-1] + ', "container": {"image": "img\\n\\u001b[2Jx"}}'
+        ),
+        "update.json container.image: must be printable text without spaces",
+    ),
 }
 
 

@@ -1,7 +1,7 @@
 """Rendered job scripts of every preset, with hostile values, run under bash: nothing injected runs.
 
-`srun`, `apptainer`, `singularity` and `module` are stubs on PATH that do what the real ones do with
-their arguments (run the command; the container stub also records the image it was given), so
+`srun`, `apptainer`, `singularity`, `podman` and `module` are stubs on PATH that do what the real ones do
+with their arguments (run the command; the container stubs also record the image they were given), so
 the script's shell really parses every value. The login-node command that writes the command file
 and submits the script is run the same way, with a stub `sbatch`.
 """
@@ -27,6 +27,12 @@ STUBS = {
         "    --bind|-B) shift 2 ;;\n    -*) shift ;;\n    *) break ;;\n  esac\ndone\n"
         'printf %s "$1" > "$XFFL_TEST_DIR/image"; shift\nexec "$@"\n'
     ),
+    "podman": (
+        "#!/bin/bash\n"
+        'if [ "$1" = image ]; then echo 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef; exit 0; fi\n'
+        'shift  # run\nwhile [[ $# -gt 0 ]]; do\n  case "$1" in\n    -*) shift ;;\n    *) break ;;\n  esac\ndone\n'
+        'printf %s "$1" > "$XFFL_TEST_DIR/image"; shift\nexec "$@"\n'
+    ),
     "sbatch": '#!/bin/bash\ncat > "$XFFL_TEST_DIR/submitted.sh"\nprintf "%s\\0" "$@" > "$XFFL_TEST_DIR/sbatch-args"\necho 4242\n',
 }
 HOSTILE_IMAGES = [
@@ -46,7 +52,7 @@ COMMAND = 'echo ran > "$XFFL_TEST_DIR/ran"\necho \'XFFL_EOF\'\necho "it\'s $(ech
 def shell(tmp_path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("srun", "module", "sbatch"):
+    for name in ("srun", "module", "sbatch", "podman"):
         (bin_dir / name).write_text(STUBS[name])
     for name in ("apptainer", "singularity"):
         (bin_dir / name).write_text(STUBS["container"])
@@ -76,12 +82,18 @@ def _run(script: str, tmp_path: Path, env: dict[str, str]) -> subprocess.Complet
 
 @pytest.mark.parametrize("preset", presets())
 @pytest.mark.parametrize("image", HOSTILE_IMAGES)
-def test_hostile_container_values_never_run(tmp_path, shell, preset, image):
+@pytest.mark.parametrize("runtime", ["apptainer", "podman"])
+def test_hostile_container_values_never_run(tmp_path, shell, preset, image, runtime):
     job_dir = tmp_path / "job dir $(touch PWNED)"
     job_dir.mkdir()
     command_file = str(job_dir / ".xffl-job-x.sh")
     Path(command_file).write_text(COMMAND)
-    runtime = "singularity" if preset != "karolina" else "apptainer"
+    if runtime == "apptainer":
+        # the job hashes the .sif for the records: the image is a real file, at the hostile path
+        image = str(tmp_path) + image if image.startswith("/") else image
+        Path(tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        Path(tmp_path / image).write_bytes(b"SIF")
+        runtime = "singularity" if preset != "karolina" else "apptainer"
     connector = _connector(
         tmp_path, preset, runtime=runtime, image=image, bind=list(HOSTILE_BINDS), options=list(HOSTILE_OPTIONS)
     )

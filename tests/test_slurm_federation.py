@@ -30,6 +30,7 @@ from xffl_cwl.federation import load_federation
 from xffl_cwl.generator import generate
 
 FACILITIES = ("leonardo", "lumi")
+PODMAN = "      container: {runtime: podman, image: 'localhost/xffl-cwl:%s'}\n"
 
 
 def _federation(path: Path, demo_assets, entries: str, rounds: int = 2, steps: int = 5) -> Path:
@@ -245,27 +246,42 @@ def test_unknown_host_key_fails_check_with_a_fix(facilities, demo_assets, datase
     assert ("lumi", "login", "ok") in rows and ("lumi", "workdir", "ok") in rows
 
 
-def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_model(facilities, slurm_run, tmp_path):
-    """SIGTERM while round 1's jobs run: within 30 s no StreamFlow, no tool and no SLURM job of the run
-    remains; --resume; the orchestrator SIGKILLed while round 2's jobs run (they are left on the clusters);
-    --resume cancels them from the job journal, trains round 2 again and never round 1, and the model is
-    that of the uninterrupted run bit for bit."""
+def test_interrupted_and_killed_slurm_runs_in_the_image_leave_nothing_and_resume_to_the_same_model(
+    facilities, demo_assets, datasets, slurm_run, tmp_path
+):
+    """The same two rounds with every train job inside the xffl-cwl image (rootless podman, through SLURM).
+    SIGTERM while round 1's jobs run: within 30 s no StreamFlow, no tool, no SLURM job, no container and no
+    training process of the run remains (scancel reaches the training through podman and the image's tini);
+    --resume; the orchestrator SIGKILLed while round 2's jobs run (they are left on the clusters); --resume
+    cancels them from the job journal, trains round 2 again and never round 1. The model is that of the
+    uninterrupted bare run bit for bit, and the records name the image, its digest on each cluster and the
+    build that only the image carries."""
+    from xffl_cwl import __version__
+
     clusters = [facilities["by_name"][name] for name in FACILITIES]
-    generate(load_federation(slurm_run["federation"]), tmp_path / "run")
+    entries = "".join(
+        slurm_facility_yaml(facilities, name, datasets[name], extra=PODMAN % __version__) for name in FACILITIES
+    )
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries)
+    assert run_cli("check", federation).returncode == 0
     run_dir = tmp_path / "run"
+    generate(load_federation(federation), run_dir)
+
+    def nothing_left() -> bool:
+        return not any(
+            squeue(c) or facility_processes(c) or _podman(c["username"], "ps", "-aq") for c in clusters
+        ) and not _processes_of(run_dir)
+
     before = {name: len(jobcomp(facilities["by_name"][name])) for name in FACILITIES}
     proc = _start(run_dir)
     try:
         wait_until(lambda: all(_running(c, 1) for c in clusters) or proc.poll() is not None, 180, "round 1's jobs")
+        wait_until(lambda: all(facility_processes(c) for c in clusters), 60, "training inside the containers")
         stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-        wait_until(
-            lambda: not any(squeue(c) or facility_processes(c) for c in clusters) and not _processes_of(run_dir),
-            30,
-            "nothing left",
-        )
+        wait_until(nothing_left, 30, "no job, container or training left")
         clean_after = time.monotonic() - stopped
         assert clean_after < 30
         assert f"Resume with: xffl-cwl run {run_dir} --resume" in err
@@ -289,7 +305,7 @@ def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_
     # the resume found them in the job journal (those that had not finished meanwhile are cancelled)
     assert re.search(r"(leonardo|lumi): (cancelled SLURM job\(s\) \d+|no job left in the queue)", resumed.stderr)
     assert not any(squeue(c) for c in clusters)
-    wait_until(lambda: not any(facility_processes(c) for c in clusters), 30, "the cancelled jobs' processes to end")
+    wait_until(nothing_left, 30, "the cancelled jobs' processes and containers to end")
     for name in FACILITIES:
         jobs = [
             (j["Name"].rsplit("-", 1)[1], j["JobState"]) for j in jobcomp(facilities["by_name"][name])[before[name] :]
@@ -300,12 +316,26 @@ def test_interrupted_and_killed_slurm_runs_leave_nothing_and_resume_to_the_same_
     ours = load_file(str(run_dir / "out" / "model" / "model.safetensors"))
     theirs = load_file(str(slurm_run["run"] / "out" / "model" / "model.safetensors"))
     assert sorted(ours) == sorted(theirs) and all((ours[k] == theirs[k]).all() for k in ours), "not bit for bit"
+    image = f"localhost/xffl-cwl:{__version__}"
+    label = subprocess.run(
+        ["podman", "image", "inspect", "--format", '{{index .Labels "org.xffl-cwl.inputs"}}', image],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    records = sorted((run_dir / "work" / "aggregator").glob("*/model/aggregate.json"))
+    assert records
+    for record in map(json.loads, (r.read_text() for r in records)):
+        assert record["container"]["runtime"] == "none"  # the aggregator ran bare, here
+        for name in FACILITIES:
+            digest = _podman(facilities["by_name"][name]["username"], "image", "inspect", "--format", "{{.Id}}", image)
+            assert record["facilities"][name]["container"] == {
+                "runtime": "podman", "image": image, "digest": f"sha256:{digest}", "build": label,
+            }  # fmt: skip
 
 
 def test_a_two_task_train_job_through_srun_trains_as_one_task(facilities, demo_assets, datasets, slurm_run, tmp_path):
     """leonardo's train steps run as one allocation of 2 tasks (`ntasks_per_node: 2`), its workers
-    started by srun, half the micro-batch each: the job logs show both ranks and the federation's
-    model is that of the 1-task run within fp32 tolerance."""
+    started by srun, half the micro-batch each: the job logs show both ranks and the round's global
+    model is that of the 1-task run's first round within fp32 tolerance."""
     leonardo = (
         slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"]).replace(
             'time: "00:10:00"}', 'time: "00:10:00", ntasks_per_node: 2}'
@@ -313,7 +343,7 @@ def test_a_two_task_train_job_through_srun_trains_as_one_task(facilities, demo_a
         + "    training: {batch_size: 4}\n"
     )
     entries = leonardo + slurm_facility_yaml(facilities, "lumi", datasets["lumi"])
-    federation = _federation(tmp_path / "federation.yml", demo_assets, entries)
+    federation = _federation(tmp_path / "federation.yml", demo_assets, entries, rounds=1)
     generate(load_federation(federation), tmp_path / "run")
     round_cwl = (tmp_path / "run" / "round.cwl").read_text()
     assert "nproc_per_node: {default: 2}" in round_cwl
@@ -321,7 +351,7 @@ def test_a_two_task_train_job_through_srun_trains_as_one_task(facilities, demo_a
     proc = run_cli("run", tmp_path / "run", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = jobcomp(facilities["by_name"]["leonardo"])[before:]
-    assert [j["JobState"] for j in jobs] == ["COMPLETED", "COMPLETED"] and all(j["ProcCnt"] == "2" for j in jobs), jobs
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"] and all(j["ProcCnt"] == "2" for j in jobs), jobs
     for job in jobs:
         log = (Path(job["WorkDir"]) / "train.log").read_text()
         assert "2 workers (1 node(s) x 2) started with srun" in log, log[-2000:]
@@ -329,7 +359,49 @@ def test_a_two_task_train_job_through_srun_trains_as_one_task(facilities, demo_a
     last = json.loads((tmp_path / "run" / "out" / "history.jsonl").read_text().splitlines()[-1])
     assert set(last["facilities"]) == set(FACILITIES) and not last.get("left_out")
     ours = load_file(str(tmp_path / "run" / "out" / "model" / "model.safetensors"))
-    theirs = load_file(str(slurm_run["run"] / "out" / "model" / "model.safetensors"))
+    first = next(
+        path.parent
+        for path in (slurm_run["run"] / "work" / "aggregator").glob("*/model/aggregate.json")
+        if json.loads(path.read_text())["round"] == 1
+    )
+    theirs = load_file(str(first / "model.safetensors"))
     diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
-    print(f"2 tasks vs 1 task on SLURM, 2 rounds: largest weight difference {diff:.2e}")
+    print(f"2 tasks vs 1 task on SLURM, round 1: largest weight difference {diff:.2e}")
     assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize(
+    "container, check, detail",
+    [
+        ("{runtime: podman, image: 'localhost/xffl-cwl:9.9.9'}", "container image", "xffl-cwl:9.9.9 is not in this user's podman storage"),
+        ("{runtime: podman, image: 'localhost/xffl-client:0.1.0'}", "container image", "xffl-client:0.1.0 is not in this user's podman storage"),
+        ("{runtime: apptainer, image: /home/hpc_leonardo/xffl-cwl.sif}", "container runtime", "apptainer not found after the setup lines"),
+    ],
+    ids=["wrong tag", "image never loaded", "runtime the facility lacks"],
+)  # fmt: skip
+def test_a_container_the_facility_cannot_run_is_one_line_before_any_job(
+    facilities, demo_assets, datasets, good_run, tmp_path, container, check, detail
+):
+    _, counts = good_run
+    entries = slurm_facility_yaml(facilities, "leonardo", datasets["leonardo"], extra=f"      container: {container}\n")
+    entries += slurm_facility_yaml(facilities, "lumi", datasets["lumi"])
+    root = tmp_path / "container"
+    root.mkdir()
+    federation = _federation(root / "federation.yml", demo_assets, entries)
+    before = counts()
+    proc = run_cli("check", federation)
+    assert proc.returncode == 1
+    failed = [line for line in proc.stdout.splitlines() if line.split()[:1] == ["leonardo"] and " FAIL" in line]
+    assert len(failed) == 1 and check in failed[0] and detail in failed[0], proc.stdout
+    generate(load_federation(federation), root / "run")
+    proc = run_cli("run", root / "run", timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert f"facility leonardo: {check}: " in errors[0] and detail in errors[0], proc.stderr
+    assert not (root / "run" / "streamflow.log").exists() and counts() == before
+
+
+def _podman(user: str, *args: str) -> str:
+    return subprocess.run(
+        ["runuser", "-u", user, "--", "podman", *args], cwd="/", capture_output=True, text=True, check=True
+    ).stdout.strip()

@@ -123,3 +123,68 @@ def test_template_errors_name_the_problem(tmp_path):
 def test_explicit_options_become_flags():
     flags = SbatchOptions(partition="p", gpus_per_node=4, extra=("--exclusive",)).flags()
     assert flags == ["--partition=p", "--gpus-per-node=4", "--exclusive"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("gpus", [0, 4])
+def test_podman_runs_the_command_in_the_image_on_every_preset(preset, gpus, tmp_path):
+    """runtime: podman on any preset: the template's apptainer options give way to podman's own, the
+    job's binds become volumes, SLURM's and our variables are passed in, and the image's digest is
+    taken for the records before the command runs (or the job stops with one line)."""
+    template = load_template(preset, tmp_path)
+    container = ContainerSettings(runtime="podman", image="localhost/xffl-cwl:0.1.0", bind=("/scratch/work", "/data"))
+    script = template.render(COMMAND, job_variables(SbatchOptions(gpus_per_node=gpus), container, ()))
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    last = script.rstrip().splitlines()[-1]
+    words = last.split()
+    start = words.index("podman")
+    assert words[start : start + 3] == ["podman", "run", "--rm"] and last.endswith(
+        f"localhost/xffl-cwl:0.1.0 {COMMAND}"
+    )
+    assert "--volume=/scratch/work:/scratch/work" in words and "--volume=/data:/data" in words
+    assert "--env='SLURM_*'" in words and "--env='XFFL_*'" in words and '--workdir="$PWD"' in words
+    assert "--nv" not in words and "--rocm" not in words and "--network=host" in words
+    vendor = template.gpu_vendor
+    if gpus and vendor == "nvidia":
+        assert "--device=nvidia.com/gpu=all" in words
+    elif gpus and vendor == "amd":
+        assert "--device=/dev/kfd" in words and "--device=/dev/dri" in words
+    else:
+        assert not any(w.startswith("--device") for w in words)
+    assert "podman image inspect --format '{{.Id}}' \"$XFFL_CONTAINER_IMAGE\"" in script
+    assert "export XFFL_CONTAINER_RUNTIME=podman XFFL_CONTAINER_IMAGE=localhost/xffl-cwl:0.1.0" in script
+    # each worker of a multi-node training runs in the same image, in the job's directory
+    export = next(line for line in script.splitlines() if line.startswith("export XFFL_WORKER_EXEC="))
+    shown = subprocess.run(
+        ["bash", "-c", f'{export}\npython3 -c "import os, shlex; print(shlex.split(os.environ[\'XFFL_WORKER_EXEC\']))"'],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout  # fmt: skip
+    assert f"'--workdir={tmp_path}'" in shown and shown.rstrip().endswith("'localhost/xffl-cwl:0.1.0']")
+
+
+def test_set_container_options_are_kept_for_any_runtime(tmp_path):
+    template = load_template("leonardo", tmp_path)
+    container = ContainerSettings(runtime="podman", image="img:1", options=("--network=none", "--security-opt=x"))
+    script = template.render(COMMAND, job_variables(SbatchOptions(), container, ()))
+    last = script.rstrip().splitlines()[-1]
+    assert "--network=none --security-opt=x" in last and "--network=host" not in last
+
+
+def test_the_job_stops_with_one_line_when_the_runtime_or_the_image_is_missing(tmp_path):
+    """The setup lines of a containerized job, run for real by bash: a runtime that is not there and an
+    image that cannot be read stop the job with exit code 2 and one line naming it."""
+    template = load_template("generic", tmp_path)
+    for container, expected in [
+        (ContainerSettings(runtime="singularity", image=str(tmp_path / "missing.sif")), "singularity is not found"),
+        (
+            ContainerSettings(runtime="podman", image="localhost/xffl-cwl:no-such-tag"),
+            "no-such-tag is not in the podman",
+        ),
+    ]:
+        script = template.render("echo ran", job_variables(SbatchOptions(), container, ()))
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # the real podman (scripts/facilities.sh install)
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 2 and "ran" not in proc.stdout, (proc.stdout, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, proc.stderr

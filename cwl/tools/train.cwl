@@ -41,8 +41,10 @@ requirements:
   NetworkAccess:
     networkAccess: false
 hints:
+  # The image containers/build.sh makes (podman); elsewhere `podman load -i xffl-cwl-0.1.0.tar` or
+  # `docker load -i ...` first, or --no-container with xffl-cwl installed (containers/README.md).
   DockerRequirement:
-    dockerPull: ghcr.io/xffl-cwl/client:0.1.0
+    dockerPull: localhost/xffl-cwl:0.1.0
   ResourceRequirement:
     coresMin: 1
     ramMin: 2048

@@ -25,7 +25,7 @@ SBATCH_FLAGS: dict[str, str] = {
     "reservation": "--reservation",
     "job_name": "--job-name",
 }
-CONTAINER_RUNTIMES = ("apptainer", "singularity", "none")
+CONTAINER_RUNTIMES = ("apptainer", "singularity", "podman", "none")
 
 # What may reach a job script unquoted: #SBATCH lines and sbatch flags are not shell, but a newline or a
 # quote there would start a new line or word. Values outside these sets are refused, not escaped.

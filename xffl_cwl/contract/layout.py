@@ -39,6 +39,11 @@ STATUS_FILE_ENV = "XFFL_STATUS_FILE"
 WORKER_ENV = "XFFL_WORKER"  # set by `xffl-cwl train`'s launcher on its workers: this process is one of several
 NNODES_ENV = "XFFL_NNODES"  # the nodes that training spans
 WORKER_EXEC_ENV = "XFFL_WORKER_EXEC"  # set by a SLURM template: what srun runs each worker in (a container)
+# Set by a SLURM template around a containerized job: the runtime, the image and its digest, for the records
+CONTAINER_RUNTIME_ENV = "XFFL_CONTAINER_RUNTIME"
+CONTAINER_IMAGE_ENV = "XFFL_CONTAINER_IMAGE"
+CONTAINER_DIGEST_ENV = "XFFL_CONTAINER_DIGEST"
+IMAGE_IDENTITY_FILE = "/etc/xffl-cwl/image.json"  # written into the image by containers/build.sh
 DEADLINE_ENV = "XFFL_DEADLINE"  # seconds from a job's submission to its end, queue wait included
 
 # State `xffl-cwl run` keeps in a run folder: the lock, the attempts, completed rounds, job journals

@@ -20,6 +20,7 @@ from xffl_cwl.contract.params import shown
 MAX_INT = 2**53  # beyond this a JSON integer is not exactly a float: no honest count is that large
 MAX_TEXT = 4096
 FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+PRINTABLE = re.compile(r"[!-~]+")  # ASCII without spaces or control characters
 
 
 class RecordError(ValueError):
@@ -107,6 +108,28 @@ class HeldOut:
 
 
 @dataclass(frozen=True)
+class ContainerRecord:
+    """The image a tool ran in: runtime (podman, apptainer, ... or none), image reference and its digest
+    (podman's image ID, or the sha256 of a .sif), and the build inputs' digest the image carries."""
+
+    runtime: str = "none"
+    image: str = "none"
+    digest: str = "none"
+    build: str = "none"
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> ContainerRecord:
+        d = _obj(value, where)
+        fields_ = {}
+        for name in ("runtime", "image", "digest", "build"):
+            text = _str(d.get(name, "none"), f"{where}.{name}", 512)
+            if not text or not PRINTABLE.fullmatch(text):
+                raise _fail(f"{where}.{name}", "must be printable text without spaces")
+            fields_[name] = text
+        return cls(**fields_)
+
+
+@dataclass(frozen=True)
 class LoraSummary:
     r: int
     alpha: float
@@ -138,6 +161,7 @@ class UpdateRecord:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
     software: dict[str, str] = field(default_factory=dict)
+    container: ContainerRecord = field(default_factory=ContainerRecord)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": 1, **asdict(self)}
@@ -171,6 +195,7 @@ class UpdateRecord:
             train_seconds=_opt(_num, d.get("train_seconds"), "update.json train_seconds", 0),
             tokens_per_second=_opt(_num, d.get("tokens_per_second"), "update.json tokens_per_second", 0),
             bytes_written=_int(d.get("bytes_written", 0), "update.json bytes_written"),
+            container=ContainerRecord.from_json(d.get("container", {}), "update.json container"),
         )
 
 
@@ -189,6 +214,7 @@ class FacilitySummary:
     basis: float  # what the weight was computed from: declared samples/tokens (capped), 1, or the set weight
     capped: bool  # the declared count was above what the workflow allows this facility
     clip: float  # the norm-clipping factor applied to its change (1: unclipped)
+    container: ContainerRecord  # the image the facility says its update was trained in
 
 
 @dataclass(frozen=True)
@@ -267,6 +293,7 @@ class AggregateRecord:
     bytes_written: int
     seconds: float
     peak_rss_bytes: int
+    container: ContainerRecord  # the image this aggregation ran in
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": 1, **asdict(self)}

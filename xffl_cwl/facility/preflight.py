@@ -9,6 +9,7 @@ itself when jobs run without a container), the dataset and a writable workdir.
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,16 +147,10 @@ async def _check_slurm(target: FacilityTarget) -> list[Check]:
                     "" if code == 0 else f"add `module load {runtime}` (or the site's module) to setup",
                 )
             )
-            code, _ = await _run(connection, f"test -r {shlex.quote(image)}")
-            checks.append(
-                Check(
-                    target.name,
-                    "container image",
-                    code == 0 and bool(image),
-                    image or "no image configured",
-                    "" if code == 0 else "build containers/client.def and copy the .sif to that path",
-                )
-            )
+            if code == 0:
+                checks.append(await _check_image(connection, target.name, runtime, image, setup))
+            else:
+                checks.append(Check(target.name, "container image", None, f"not checked: no {runtime} here"))
         if target.dataset:
             code, _ = await _run(connection, f"test -e {shlex.quote(target.dataset)}")
             checks.append(
@@ -184,6 +179,32 @@ async def _check_slurm(target: FacilityTarget) -> list[Check]:
     finally:
         connection.close()
     return checks
+
+
+async def _check_image(connection, name: str, runtime: str, image: str, setup: str) -> Check:
+    """The image is there for the login user: in podman's storage, or a readable .sif."""
+    if not image:
+        return Check(name, "container image", False, "no image configured", "set container.image for this facility")
+    if runtime == "podman":
+        probe = f"podman image inspect --format '{{{{.Id}}}}' {shlex.quote(image)}"
+        code, out = await _run(connection, f"bash -c {shlex.quote(setup + '; ' + probe)}")
+        ids = re.findall(r"\b(?:sha256:)?([0-9a-f]{64})\b", out)  # podman may warn on stderr too
+        found = code == 0 and bool(ids)
+        return Check(
+            name,
+            "container image",
+            found,
+            f"{image} (sha256:{ids[-1][:12]})" if found else f"{image} is not in this user's podman storage",
+            "" if found else "load it there: podman load -i xffl-cwl-VERSION.tar (bash containers/build.sh --save DIR)",
+        )
+    code, _ = await _run(connection, f"test -r {shlex.quote(image)}")
+    return Check(
+        name,
+        "container image",
+        code == 0,
+        image if code == 0 else f"{image} cannot be read",
+        "" if code == 0 else "build the .sif (containers/README.md) and copy it to that path",
+    )
 
 
 def _check_local(target: FacilityTarget) -> list[Check]:

@@ -18,6 +18,7 @@ from typing import Any
 from jinja2 import Environment, TemplateSyntaxError, meta
 
 from xffl_cwl.contract.facility import ContainerSettings, SbatchOptions
+from xffl_cwl.facility.container_command import container_variables, standard_options
 
 TEMPLATE_SUFFIXES = (".sh", ".j2", ".jinja2")
 
@@ -65,6 +66,14 @@ class Template:
     def render(self, command: str, variables: dict[str, Any]) -> str:
         values = dict(self.defaults)
         values.update({k: v for k, v in variables.items() if v is not None})
+        default_runtime = self.default("container_runtime") or "none"
+        runtime = variables.get("container_runtime") or default_runtime
+        options = variables.get("container_options")
+        if options is None and runtime != default_runtime:  # the template's options are for its own runtime
+            gpus = int(values.get("gpus_per_node") or 0)
+            options = " ".join(standard_options(runtime, self.gpu_vendor, gpus))
+            values["container_options"] = options
+        values |= container_variables(values, runtime, values.get("container_options") or "")
         return _environment().from_string(self.text).render(streamflow_command=command, **values)
 
 
@@ -114,6 +123,7 @@ def job_variables(sbatch: SbatchOptions, container: ContainerSettings, setup: tu
         "container_image": container.image,
         "container_options": None if container.options is None else " ".join(shlex.quote(o) for o in container.options),
         "container_binds": " ".join(f"--bind {shlex.quote(str(p))}" for p in container.bind),
+        "container_bind_paths": [str(p) for p in container.bind],
     }
     return values
 

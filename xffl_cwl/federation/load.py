@@ -21,7 +21,7 @@ from xffl_cwl.contract.layout import AGGREGATOR
 from xffl_cwl.contract.options import AggregateOptions, LoraOptions, TrainOptions
 from xffl_cwl.contract.params import Param, ParamError, params, shown
 from xffl_cwl.errors import InputError
-from xffl_cwl.facility.templates import TemplateError, is_template_file, load_template
+from xffl_cwl.facility.templates import TemplateError, effective_runtime, is_template_file, load_template
 from xffl_cwl.federation.spec import (
     Deployment,
     FacilitySpec,
@@ -230,9 +230,17 @@ def _slurm(value: Mapping[str, Any], where: _Where, base: Path) -> SlurmDeployme
     section = _mapping(value, where, SLURM_KEYS, ("kind", "host", "username", "workdir"))
     template = _str(section.get("template", "generic"), where / "template")
     try:
-        load_template(template, base)
+        loaded = load_template(template, base)
     except TemplateError as exc:
         raise (where / "template").fail(str(exc)) from exc
+    container = _container(section.get("container"), where / "container")
+    runtime = effective_runtime(loaded, container)
+    if runtime != "none" and not container.image:
+        raise (where / "container" / "image").fail(
+            f"jobs run in {runtime} (template {template}) but no image is set; give the image "
+            f"({'its name, e.g. localhost/xffl-cwl:0.1.0' if runtime == 'podman' else 'the .sif path on the facility'}), "
+            "or set container.runtime: none"
+        )
     if is_template_file(template):
         template = str((base / Path(template).expanduser()).resolve())
     sbatch_raw = _mapping(section.get("sbatch") or {}, where / "sbatch", tuple(SBATCH_CHECKS))
@@ -253,7 +261,7 @@ def _slurm(value: Mapping[str, Any], where: _Where, base: Path) -> SlurmDeployme
         check_host_key=_bool(section.get("check_host_key", defaults.check_host_key), where / "check_host_key"),
         template=template,
         sbatch=sbatch,
-        container=_container(section.get("container"), where / "container"),
+        container=container,
         setup=_strings(section.get("setup") or [], where / "setup"),
         max_concurrent_jobs=_int(
             section.get("max_concurrent_jobs", defaults.max_concurrent_jobs), where / "max_concurrent_jobs", 1

@@ -34,6 +34,7 @@ from xffl_cwl.learning.devices import autocast
 from xffl_cwl.learning.distributed import World
 from xffl_cwl.learning.evaluation import mean_loss
 from xffl_cwl.learning.model_dir import ADAPTER_SUBDIR, copy_side_files, fingerprint, has_adapter
+from xffl_cwl.learning.provenance import current_container
 from xffl_cwl.learning.safetensors_stream import ShardWriter, read_checkpoint, specs_of
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ def _train(cfg: TrainConfig, world: World, device) -> UpdateRecord | None:
             | {"warmup_steps": warmup, "workers": world.size, "global_batch": per_step, "sharding": sharding},
             device=str(device),
             software={"xffl_cwl": __version__, "torch": torch.__version__},
+            container=current_container(),
         )
         (tmp / UPDATE_JSON).write_text(json_text(record.to_json()))
     distributed.barrier(world)

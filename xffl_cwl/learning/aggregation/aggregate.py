@@ -51,6 +51,7 @@ from xffl_cwl.learning.model_dir import (
     has_adapter,
     read_json,
 )
+from xffl_cwl.learning.provenance import current_container
 from xffl_cwl.learning.safetensors_stream import TensorReader, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def _finish(
         facilities[u.facility] = FacilitySummary(
             samples=r.samples, tokens=r.tokens, weight=m.weight, steps=r.steps, train_loss=r.train_loss,
             eval_loss=r.eval_loss, wall_seconds=r.wall_seconds, delta_norm=None if norm_sq is None else norm_sq**0.5,
-            basis=raw, capped=capped, clip=clips[u.facility],
+            basis=raw, capped=capped, clip=clips[u.facility], container=r.container,
         )  # fmt: skip
     record = AggregateRecord(
         round=cfg.round if cfg.round is not None else first.round,
@@ -310,6 +311,7 @@ def _finish(
         bytes_written=done.bytes_written,
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        container=current_container(),
     )
     (out / AGGREGATE_JSON).write_text(json_text(record.to_json()))
     return record
