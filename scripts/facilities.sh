@@ -206,8 +206,14 @@ podman_user() {  # podman_user USER HOME: rootless podman with the kernel's over
   id=$(tar -xOf "$ARCHIVE" manifest.json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Config"].split("/")[-1].split(".")[0])')
   if [ "$(cd / && runuser -u "$user" -- podman image inspect --format '{{.Id}}' "localhost/xffl-cwl:$VERSION" 2>/dev/null)" != "$id" ]; then
     log "loading $ARCHIVE into the podman storage of $user"
-    (cd / && runuser -u "$user" -- podman load -q -i "$ARCHIVE" >/dev/null 2>"$BASE/podman-load-$user.log") \
-      || die "podman load for $user failed ($BASE/podman-load-$user.log)"
+    if ! (cd / && runuser -u "$user" -- podman load -q -i "$ARCHIVE" >/dev/null 2>"$BASE/podman-load-$user.log"); then
+      # a storage left half-written by a killed podman (a layer still mounted in the user's namespace):
+      # stop the user's podman namespace, start the storage afresh and load again
+      log "the podman storage of $user is unusable ($(tail -1 "$BASE/podman-load-$user.log" | cut -c1-160)); resetting it"
+      (cd / && runuser -u "$user" -- podman system migrate && runuser -u "$user" -- podman system reset -f) >/dev/null 2>&1 || true
+      (cd / && runuser -u "$user" -- podman load -q -i "$ARCHIVE" >/dev/null 2>"$BASE/podman-load-$user.log") \
+        || die "podman load for $user failed ($BASE/podman-load-$user.log)"
+    fi
     (cd / && runuser -u "$user" -- podman image prune -f >/dev/null 2>&1) || true  # the image it replaced
   fi
 }
