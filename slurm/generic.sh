@@ -45,5 +45,6 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 {{ streamflow_command }}
 {% else %}
 {{ container_setup }}
-{{ container_exec }} {{ streamflow_command }}
+{{ container_exec }} {{ streamflow_command }} &
+wait $!
 {% endif %}

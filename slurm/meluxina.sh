@@ -45,5 +45,6 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 srun --ntasks=1 {{ streamflow_command }}
 {% else %}
 {{ container_setup }}
-srun --ntasks=1 {{ container_exec }} {{ streamflow_command }}
+srun --ntasks=1 {{ container_exec }} {{ streamflow_command }} &
+wait $!
 {% endif %}

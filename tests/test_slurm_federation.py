@@ -283,7 +283,9 @@ def test_interrupted_and_killed_slurm_runs_in_the_image_leave_nothing_and_resume
         assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
         wait_until(nothing_left, 30, "no job, container or training left")
         clean_after = time.monotonic() - stopped
-        assert clean_after < 30
+        # well before the round's training would end on its own: a container that outlived its cancelled
+        # job (podman's conmon is outside the job's processes) would show here
+        assert clean_after < 10, clean_after
         assert f"Resume with: xffl-cwl run {run_dir} --resume" in err
 
         proc = _start(run_dir, "--resume")

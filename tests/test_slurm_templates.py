@@ -41,7 +41,13 @@ def test_preset_renders_to_valid_bash(preset, with_container, tmp_path):
     assert "#SBATCH --time=02:00:00" in sbatch and "#SBATCH --account=proj_x" in sbatch
     assert "{{" not in script and "{%" not in script
     assert "module load cuda" in script
-    assert script.rstrip().splitlines()[-1].endswith(COMMAND), "the job ends by running the command file"
+    lines = script.rstrip().splitlines()
+    if (
+        with_container and effective_runtime(template, ContainerSettings()) != "none"
+    ):  # in the background, so a signal's trap runs at once; the job's exit code is the command's
+        assert lines[-1] == "wait $!" and lines[-2].endswith(f"{COMMAND} &"), lines[-2:]
+    else:
+        assert lines[-1].endswith(COMMAND), "the job ends by running the command file"
     path = tmp_path / f"{preset}.sh"
     path.write_text(script)
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
@@ -137,12 +143,14 @@ def test_podman_runs_the_command_in_the_image_on_every_preset(preset, gpus, tmp_
     path = tmp_path / "job.sh"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
-    last = script.rstrip().splitlines()[-1]
+    last = script.rstrip().splitlines()[-2]
     words = last.split()
     start = words.index("podman")
-    assert words[start : start + 3] == ["podman", "run", "--rm"] and last.endswith(
-        f"localhost/xffl-cwl:0.1.0 {COMMAND}"
-    )
+    assert words[start : start + 3] == ["podman", "run", "--rm"]
+    assert last.endswith(f"localhost/xffl-cwl:0.1.0 {COMMAND} &")
+    # scancel signals the script, not the container: the trap stops the container by its name
+    assert '--name="$XFFL_CONTAINER_NAME"' in words and "--sig-proxy=false" in words
+    assert """trap 'podman stop --time 15 "$XFFL_CONTAINER_NAME" >/dev/null 2>&1; exit 143' TERM INT""" in script
     assert "--volume=/scratch/work:/scratch/work" in words and "--volume=/data:/data" in words
     assert "--env='SLURM_*'" in words and "--env='XFFL_*'" in words and '--workdir="$PWD"' in words
     assert "--nv" not in words and "--rocm" not in words and "--network=host" in words
@@ -168,7 +176,7 @@ def test_set_container_options_are_kept_for_any_runtime(tmp_path):
     template = load_template("leonardo", tmp_path)
     container = ContainerSettings(runtime="podman", image="img:1", options=("--network=none", "--security-opt=x"))
     script = template.render(COMMAND, job_variables(SbatchOptions(), container, ()))
-    last = script.rstrip().splitlines()[-1]
+    last = script.rstrip().splitlines()[-2]
     assert "--network=none --security-opt=x" in last and "--network=host" not in last
 
 

@@ -30,14 +30,17 @@ def standard_options(runtime: str, gpu_vendor: str | None, gpus: int) -> list[st
     return []
 
 
-def exec_words(runtime: str, image: str, options: str, binds: list[str], workdir: str = '--workdir="$PWD"') -> str:
+def exec_words(
+    runtime: str, image: str, options: str, binds: list[str], workdir: str = '--workdir="$PWD"', named: bool = True
+) -> str:
     """The shell words that run what follows them inside the image (options: shell words already)."""
     if runtime == "podman":
         env = " ".join(f"--env={shlex.quote(name)}" for name in PODMAN_ENV)
         volumes = " ".join(f"--volume={shlex.quote(f'{p}:{p}')}" for p in binds)
         # The image's entry point (tini -g) hands SIGTERM from scancel to the whole command, so a cancelled
         # job's training stops cleanly; --rm leaves nothing behind in the user's storage.
-        words = ["podman run --rm --log-driver=none", options, env, volumes, workdir, shlex.quote(image)]
+        name = '--replace --name="$XFFL_CONTAINER_NAME" --sig-proxy=false' if workdir.startswith('--workdir="') else ""
+        words = ["podman run --rm --log-driver=none", name, options, env, volumes, workdir, shlex.quote(image)]
     else:
         words = [f"{runtime} exec", options, " ".join(f"--bind {shlex.quote(p)}" for p in binds), shlex.quote(image)]
     return " ".join(w for w in words if w)
@@ -46,7 +49,15 @@ def exec_words(runtime: str, image: str, options: str, binds: list[str], workdir
 def setup_lines(runtime: str, image: str, options: str, binds: list[str]) -> str:
     """Shell lines before the command: the image's identity for the records, or a one-line stop.
     The image is named once, quoted, and only ever expanded as "$XFFL_CONTAINER_IMAGE" after that."""
+    stop = []
     if runtime == "podman":
+        # scancel signals this script's processes, but the container lives under podman's conmon, outside
+        # them: the script (its command runs in the background, so the trap runs at once) stops the
+        # container by name, which hands SIGTERM to the whole command through tini, and kills it after 15 s.
+        stop = [
+            "XFFL_CONTAINER_NAME=xffl-${SLURM_JOB_ID:-0}-$$",
+            """trap 'podman stop --time 15 "$XFFL_CONTAINER_NAME" >/dev/null 2>&1; exit 143' TERM INT""",
+        ]
         digest = (
             """XFFL_CONTAINER_DIGEST=$(podman image inspect --format '{{.Id}}' "$XFFL_CONTAINER_IMAGE" 2>/dev/null) || """
             '{ echo "xffl-cwl: image $XFFL_CONTAINER_IMAGE is not in the podman storage of $USER here; load it with '
@@ -65,6 +76,7 @@ def setup_lines(runtime: str, image: str, options: str, binds: list[str]) -> str
             f"command -v {runtime} >/dev/null || "
             f'{{ echo "xffl-cwl: {runtime} is not found on $(hostname); load its module in setup" >&2; exit 2; }}',
             digest,
+            *stop,
             "export XFFL_CONTAINER_DIGEST",
             "# Workers of a training on several nodes are started by srun, each in the container",
             f"export XFFL_WORKER_EXEC={worker_exec(runtime, image, options, binds)}",
@@ -77,7 +89,7 @@ def worker_exec(runtime: str, image: str, options: str, binds: list[str]) -> str
     so it is quoted once more; the job's directory is expanded when the line runs."""
     if runtime != "podman":
         return shlex.quote(exec_words(runtime, image, options, binds))
-    words = exec_words(runtime, "IMAGE", options, binds, workdir="WORKDIR")
+    words = exec_words(runtime, "IMAGE", options, binds, workdir="WORKDIR", named=False)
     before, after = words.split(" WORKDIR IMAGE")
     return f'{shlex.quote(before)}" --workdir=$PWD "{shlex.quote(shlex.quote(image))}{after}'
 
