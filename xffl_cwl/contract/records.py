@@ -21,6 +21,12 @@ MAX_INT = 2**53  # beyond this a JSON integer is not exactly a float: no honest 
 MAX_TEXT = 4096
 FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 PRINTABLE = re.compile(r"[!-~]+")  # ASCII without spaces or control characters
+CONTAINER_TEXT_LIMIT = 512
+
+
+def container_text(value: Any) -> bool:
+    """A container record field: printable ASCII without spaces, at most CONTAINER_TEXT_LIMIT characters."""
+    return isinstance(value, str) and 0 < len(value) <= CONTAINER_TEXT_LIMIT and bool(PRINTABLE.fullmatch(value))
 
 
 class RecordError(ValueError):
@@ -122,8 +128,8 @@ class ContainerRecord:
         d = _obj(value, where)
         fields_ = {}
         for name in ("runtime", "image", "digest", "build"):
-            text = _str(d.get(name, "none"), f"{where}.{name}", 512)
-            if not text or not PRINTABLE.fullmatch(text):
+            text = _str(d.get(name, "none"), f"{where}.{name}", CONTAINER_TEXT_LIMIT)
+            if not container_text(text):
                 raise _fail(f"{where}.{name}", "must be printable text without spaces")
             fields_[name] = text
         return cls(**fields_)

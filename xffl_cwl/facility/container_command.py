@@ -30,17 +30,21 @@ def standard_options(runtime: str, gpu_vendor: str | None, gpus: int) -> list[st
     return []
 
 
-def exec_words(
-    runtime: str, image: str, options: str, binds: list[str], workdir: str = '--workdir="$PWD"', named: bool = True
-) -> str:
+def _podman_run(options: str, binds: list[str], named: bool) -> str:
+    """`podman run` up to the working directory and the image; the job's own container is named, so its
+    TERM trap can stop it (setup_lines), the workers' containers are not."""
+    env = " ".join(f"--env={shlex.quote(name)}" for name in PODMAN_ENV)
+    volumes = " ".join(f"--volume={shlex.quote(f'{p}:{p}')}" for p in binds)
+    # The image's entry point (tini -g) hands SIGTERM to the whole command, so a stopped container's
+    # training ends cleanly; --rm leaves nothing behind in the user's storage.
+    name = '--replace --name="$XFFL_CONTAINER_NAME" --sig-proxy=false' if named else ""
+    return " ".join(w for w in ["podman run --rm --log-driver=none", name, options, env, volumes] if w)
+
+
+def exec_words(runtime: str, image: str, options: str, binds: list[str]) -> str:
     """The shell words that run what follows them inside the image (options: shell words already)."""
     if runtime == "podman":
-        env = " ".join(f"--env={shlex.quote(name)}" for name in PODMAN_ENV)
-        volumes = " ".join(f"--volume={shlex.quote(f'{p}:{p}')}" for p in binds)
-        # The image's entry point (tini -g) hands SIGTERM from scancel to the whole command, so a cancelled
-        # job's training stops cleanly; --rm leaves nothing behind in the user's storage.
-        name = '--replace --name="$XFFL_CONTAINER_NAME" --sig-proxy=false' if workdir.startswith('--workdir="') else ""
-        words = ["podman run --rm --log-driver=none", name, options, env, volumes, workdir, shlex.quote(image)]
+        words = [_podman_run(options, binds, named=True), '--workdir="$PWD"', shlex.quote(image)]
     else:
         words = [f"{runtime} exec", options, " ".join(f"--bind {shlex.quote(p)}" for p in binds), shlex.quote(image)]
     return " ".join(w for w in words if w)
@@ -89,9 +93,8 @@ def worker_exec(runtime: str, image: str, options: str, binds: list[str]) -> str
     so it is quoted once more; the job's directory is expanded when the line runs."""
     if runtime != "podman":
         return shlex.quote(exec_words(runtime, image, options, binds))
-    words = exec_words(runtime, "IMAGE", options, binds, workdir="WORKDIR", named=False)
-    before, after = words.split(" WORKDIR IMAGE")
-    return f'{shlex.quote(before)}" --workdir=$PWD "{shlex.quote(shlex.quote(image))}{after}'
+    before = _podman_run(options, binds, named=False)
+    return f'{shlex.quote(before)}" --workdir=$PWD "{shlex.quote(shlex.quote(image))}'
 
 
 def container_variables(values: dict[str, Any], runtime: str, options: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from xffl_cwl.contract.layout import (
@@ -18,13 +17,11 @@ from xffl_cwl.contract.layout import (
     CONTAINER_RUNTIME_ENV,
     IMAGE_IDENTITY_FILE,
 )
-from xffl_cwl.contract.records import ContainerRecord
-
-_WORD = re.compile(r"[!-~]{1,512}")
+from xffl_cwl.contract.records import ContainerRecord, container_text
 
 
 def _word(value: object) -> str | None:
-    return value if isinstance(value, str) and _WORD.fullmatch(value) else None
+    return value if isinstance(value, str) and container_text(value) else None
 
 
 def current_container(identity_file: Path = Path(IMAGE_IDENTITY_FILE)) -> ContainerRecord:
