@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from xffl_cwl.learning.demo_assets import save_model
 from xffl_cwl.learning.model_dir import copy_side_files, fingerprint
@@ -53,14 +53,14 @@ def make_update(global_dir: Path, out: Path, facility: str, seed: int, base_fp: 
     """A full update written chunk by chunk: global + small noise, never a whole model in memory."""
     ckpt = read_checkpoint(global_dir)
     out.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = np.random.default_rng(seed)
     with TensorReader() as reader:
         for shard in ckpt.shards:
             writer = ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata)
             for entry in shard.entries:
                 for start, count in row_chunks(entry.shape, 1 << 22):
                     chunk = reader.read(entry, start, count)
-                    writer.write(entry.name, chunk + 1e-3 * torch.randn(count, generator=gen, dtype=chunk.dtype))
+                    writer.write(entry.name, chunk + np.float32(1e-3) * gen.standard_normal(count, dtype=np.float32))
             writer.close()
     copy_side_files(global_dir, out)
     record = {

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import struct
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from xffl_cwl.errors import InputError
 from xffl_cwl.learning.safetensors_stream import (
+    NUMPY_DTYPES,
     ShardWriter,
     TensorReader,
     TensorSpec,
+    from_f32,
     read_checkpoint,
     read_shard,
     row_chunks,
+    to_f32,
 )
 
 
@@ -38,8 +46,9 @@ def test_chunked_reads_match_safetensors(tmp_path):
         for name, expected in tensors.items():
             entry = ckpt.by_name[name]
             pieces = [reader.read(entry, s, c) for s, c in row_chunks(entry.shape, 48)]
-            got = torch.cat(pieces) if pieces else torch.empty(0, dtype=expected.dtype)
-            assert got.dtype == expected.dtype
+            raw = np.concatenate(pieces) if pieces else np.empty(0, dtype=NUMPY_DTYPES[entry.dtype])
+            assert raw.dtype == NUMPY_DTYPES[entry.dtype]
+            got = torch.from_numpy(raw).view(expected.dtype)
             assert torch.equal(got.view(expected.shape), expected), name
 
 
@@ -64,6 +73,61 @@ def test_chunked_writes_load_in_safetensors(tmp_path):
     for name in tensors:
         assert torch.equal(loaded[name], tensors[name])
     assert len(digest) == 64
+
+
+def test_float32_conversions_equal_torch_bit_for_bit():
+    """bf16 has no numpy type: to_f32/from_f32 must widen and round (to nearest even) exactly as torch does."""
+    g = torch.Generator().manual_seed(3)
+    specials = [0.0, -0.0, 1.0, 1.00390625, 1.005859375, 3.0e38, -3.4e38, 1e-40, float("inf"), float("-inf")]
+    values = torch.cat(
+        [torch.randn(4096, generator=g) * 10.0 ** torch.randint(-30, 30, (4096,), generator=g), torch.tensor(specials)]
+    )
+    ties = torch.arange(0, 1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # exactly halfway
+    values = torch.cat([values, ties[torch.isfinite(ties)]]).float()
+    for code, dtype in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F64", torch.float64)):
+        ours = from_f32(values.numpy(), code)
+        theirs = values.to(dtype)
+        assert torch.equal(torch.from_numpy(ours).view(dtype), theirs) or (
+            code != "BF16" and np.array_equal(ours, theirs.numpy(), equal_nan=True)
+        ), code
+        back = to_f32(ours, code)
+        assert back.dtype == np.float32
+        assert np.array_equal(back, theirs.float().numpy(), equal_nan=True), code
+    nan = from_f32(np.array([float("nan"), -float("nan")], dtype=np.float32), "BF16")
+    assert np.isnan(to_f32(nan, "BF16")).all()
+
+
+def test_numpy_chunks_and_reused_buffers(tmp_path):
+    values = np.arange(30, dtype=np.float32)
+    writer = ShardWriter(tmp_path / "n.safetensors", [TensorSpec("a", "F32", (5, 6)), TensorSpec("b", "BF16", (4,))])
+    writer.write("a", values[:12])
+    writer.write("a", values[12:])
+    with pytest.raises(RuntimeError, match=r"expected b \(BF16\)"):
+        writer.write("b", values[:4])  # float32 where bf16 bits are due
+    writer = ShardWriter(tmp_path / "n.safetensors", [TensorSpec("a", "F32", (5, 6)), TensorSpec("b", "BF16", (4,))])
+    writer.write("a", values)
+    writer.write("b", from_f32(values[:4], "BF16"))
+    digest = writer.close()
+    assert digest == hashlib.sha256((tmp_path / "n.safetensors").read_bytes()).hexdigest()
+    entry = read_checkpoint(tmp_path, "n").by_name["a"]
+    buffer = np.full(64, -1.0, dtype=np.float32)
+    with TensorReader() as reader:
+        got = reader.read(entry, 6, 12, into=buffer)
+        assert np.array_equal(got, values[6:18]) and np.shares_memory(got, buffer)
+        assert not np.shares_memory(reader.read(entry, 0, 6, into=np.empty(3, dtype=np.float32)), buffer)
+
+
+def test_abandoned_writer_stops_its_hash_thread(tmp_path):
+    before = threading.active_count()
+    for i in range(20):
+        writer = ShardWriter(tmp_path / f"{i}.safetensors", [TensorSpec("a", "F32", (4,))])
+        writer.write("a", np.zeros(2, dtype=np.float32))
+        del writer  # dropped half-way, as a rejected round's output is
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
 
 
 def test_row_chunks_keep_whole_rows():

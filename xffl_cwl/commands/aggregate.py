@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -9,6 +10,8 @@ import click
 from xffl_cwl.commands.options import settings_from, settings_options
 from xffl_cwl.contract.options import AggregateOptions
 from xffl_cwl.errors import InputError
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _dir = click.Path(path_type=Path)
 
@@ -68,6 +71,10 @@ def aggregate_command(
     **settings,
 ) -> None:
     """Validate the updates and stream the next global model to --out."""
+    # The merge streams memory-bound chunks on one thread (the output's and the global model's sha256
+    # run on two more); BLAS threads would only spin against the other work of a shared host.
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ.setdefault(variable, "1")
     from xffl_cwl.contract.records import Event
     from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from xffl_cwl.errors import InputError
 from xffl_cwl.learning.file_access import MalformedJSON, UnsafeFile, loads_strict, open_regular, read_regular
@@ -25,20 +29,53 @@ from xffl_cwl.learning.model_dir import INDEX_SUFFIX
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# How each stored dtype is held in memory. numpy has no bfloat16: BF16 values stay their raw
+# 16 bits (uint16) until to_f32 widens them, and from_f32 rounds back to nearest even, as torch does.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
+TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = {code: dtype.itemsize for code, dtype in NUMPY_DTYPES.items()}
+
+
+def to_f32(values: np.ndarray, code: str) -> np.ndarray:
+    """Stored float values as float32 (a new array unless they already are float32)."""
+    if code == "BF16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def from_f32(values: np.ndarray, code: str) -> np.ndarray:
+    """float32 values in a stored float dtype; BF16 rounds to nearest even (NaN stays a NaN)."""
+    if code == "BF16":
+        bits = values.view(np.uint32)
+        rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+        nan = np.isnan(values)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        return rounded
+    with np.errstate(over="ignore"):  # too large for F16 becomes Inf, as in torch; the merge checks its output
+        return values.astype(NUMPY_DTYPES[code], copy=False)
+
+
+def _torch_dtype(code: str) -> Any:
+    """torch's dtype for a stored one; torch is imported only by callers that already hold torch tensors."""
+    import torch
+
+    return getattr(torch, TORCH_NAMES[code])
 
 
 @dataclass(frozen=True)
@@ -60,8 +97,9 @@ class TensorEntry:
         return n
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> Any:
+        """The torch.dtype of the stored values, for the training side."""
+        return _torch_dtype(self.dtype)
 
     @property
     def itemsize(self) -> int:
@@ -151,7 +189,7 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, str], list[tuple[
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(f"{label} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
             raise HeaderError(f"{label} has dtype {dtype!r:.40}, which xffl-cwl does not handle")
         if not isinstance(shape, list) or len(shape) > 8:
             raise HeaderError(f"{label} has a shape that is not a list of at most 8 dimensions")
@@ -220,7 +258,7 @@ def _reference_check(path: Path) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:  # "np": the check needs no torch
             f.keys()
     except Exception as exc:  # the library's own error types vary between versions
         raise InputError(f"{path} is rejected by the safetensors library ({str(exc)[:200]})") from None
@@ -298,11 +336,18 @@ class TensorReader:
             self._fds[path] = fd
         return fd
 
-    def read(self, entry: TensorEntry, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """A flat tensor with `count` elements of `entry` from element `start`, in the stored dtype."""
+    def read(
+        self, entry: TensorEntry, start: int = 0, count: int | None = None, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """A flat array with `count` elements of `entry` from element `start`, in the stored dtype
+        (BF16 as its raw uint16 bits; see to_f32). `into`, a buffer of that dtype and at least that
+        size, is filled instead of a new array: a fresh 4 MB array costs page faults on every chunk."""
         count = entry.numel - start if count is None else count
-        out = torch.empty(count, dtype=entry.torch_dtype)
-        view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
+        dtype = NUMPY_DTYPES[entry.dtype]
+        out = (
+            into[:count] if into is not None and into.dtype == dtype and into.size >= count else np.empty(count, dtype)
+        )
+        view = memoryview(out.view(np.uint8)) if count else memoryview(b"")
         offset = entry.begin + start * entry.itemsize
         fd = self._fd(entry.file)
         done = 0
@@ -335,12 +380,13 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> Any:
+        """The torch.dtype of the stored values, for the training side."""
+        return _torch_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.torch_dtype).element_size()
+        n = _ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -350,10 +396,44 @@ def specs_of(entries: list[TensorEntry]) -> list[TensorSpec]:
     return [TensorSpec(e.name, e.dtype, e.shape) for e in entries]
 
 
-class ShardWriter:
-    """Writes one safetensors file whose header is fixed up front; data must come in spec order."""
+def _hash_chunks(chunks: queue.Queue, digest: Any) -> None:
+    while (data := chunks.get()) is not None:
+        digest.update(data)
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+
+class _BackgroundHash:
+    """sha256 of the bytes handed to it, computed on another thread (hashlib releases the GIL), so
+    hashing a written model overlaps with computing it. At most `depth` chunks wait, which bounds memory."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self._queue: queue.Queue[memoryview | bytes | None] = queue.Queue(maxsize=depth)
+        self._digest = hashlib.sha256()
+        # The thread holds the queue and the digest, not this object, so dropping it runs the finalizer.
+        self._thread = threading.Thread(
+            target=_hash_chunks, args=(self._queue, self._digest), name="sha256", daemon=True
+        )
+        self._thread.start()
+        # A writer dropped half-way (a rejected update, an error) must not leave its thread waiting.
+        self._stop = weakref.finalize(self, self._queue.put, None)
+
+    def update(self, data: memoryview | bytes) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self._stop()
+        self._thread.join()
+        return self._digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is fixed up front; data must come in spec order.
+
+    Its sha256 is computed on a background thread from the chunks themselves: a chunk must not be
+    changed after it was written."""
+
+    def __init__(
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None, hashed: bool = True
+    ) -> None:
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for spec in specs:
@@ -369,23 +449,30 @@ class ShardWriter:
         self._specs = list(specs)
         self._pos = 0  # index of the tensor being written
         self._written_in_tensor = 0
-        self._hash = hashlib.sha256()
+        self._hash = _BackgroundHash() if hashed else None  # nothing names the optimizer state by its hash
         self._fh = open(path, "wb")  # noqa: SIM115 - closed by close(), which finishes the file
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.bytes_written = 8 + len(blob)
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._fh.write(data)
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        """Append the next piece of tensor `name` (any shape; its bytes in row-major order)."""
+    def write(self, name: str, chunk: np.ndarray) -> None:
+        """Append the next piece of tensor `name` (any shape; its bytes in row-major order).
+
+        `chunk` is a numpy array in the stored dtype (BF16: its uint16 bits) or a CPU torch tensor."""
         if self._pos >= len(self._specs):
             raise RuntimeError(f"{self.path}: more data than its header announced (tensor {name!r})")
         spec = self._specs[self._pos]
-        if name != spec.name or chunk.dtype != DTYPES[spec.dtype]:
+        if not isinstance(chunk, np.ndarray):  # a torch tensor, from training
+            if name != spec.name or str(chunk.dtype) != f"torch.{TORCH_NAMES[spec.dtype]}":
+                raise RuntimeError(f"{self.path}: expected {spec.name} ({spec.dtype}), got {name} ({chunk.dtype})")
+            chunk = chunk.detach().contiguous().reshape(-1).view(_torch_dtype("U8")).numpy()
+        elif name != spec.name or chunk.dtype != NUMPY_DTYPES[spec.dtype]:
             raise RuntimeError(f"{self.path}: expected {spec.name} ({spec.dtype}), got {name} ({chunk.dtype})")
-        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
         self._emit(memoryview(data))
         self._written_in_tensor += data.nbytes
         self.bytes_written += data.nbytes
@@ -401,9 +488,9 @@ class ShardWriter:
             self._pos += 1
 
     def close(self) -> str:
-        """Finish the file and return its sha256."""
+        """Finish the file and return its sha256 (empty when it was not hashed)."""
         self._skip_empty()
         self._fh.close()
         if self._pos != len(self._specs):
             raise RuntimeError(f"{self.path}: tensor {self._specs[self._pos].name!r} was not fully written")
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else ""

@@ -15,8 +15,11 @@ import resource
 import shutil
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from xffl_cwl.atomic import atomic_dir, check_output_dir
 from xffl_cwl.contract.layout import AGGREGATE_JSON, STATE_DIR
@@ -35,7 +38,7 @@ from xffl_cwl.learning.aggregation.plans import (
     full_plan,
 )
 from xffl_cwl.learning.aggregation.robust import Rule
-from xffl_cwl.learning.aggregation.screening import GlobalModel, rejection, screen
+from xffl_cwl.learning.aggregation.screening import STALE_BASE, GlobalModel, rejection, screen
 from xffl_cwl.learning.aggregation.server_state import STATE_JSON, ServerState, load_state, state_record
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer, hyperparameters, make_strategy
 from xffl_cwl.learning.aggregation.streaming import NonFiniteOutput, stream
@@ -187,10 +190,14 @@ def _merge(
     planner = full_plan if mode == "full" else (fedit_plan if fedit else exact_lora_plan)
     shards = planner(glob, members, reader, norms, rule, chunk)
     if opts.norm_clip is not None and len(members) > 1:
-        factors = _clip_factors(members, shards, opts.norm_clip, chunk)
+        with np.errstate(over="ignore", invalid="ignore"):
+            factors = _clip_factors(members, shards, opts.norm_clip, chunk)
         for m in members:
             m.clip = factors[m.facility]
-    digests, state_names, written = stream(shards, out, state_dir, strategy, old_state, reader, chunk, norms, members)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are found and blamed
+        digests, state_names, written = stream(
+            shards, out, state_dir, strategy, old_state, reader, chunk, norms, members
+        )
     return _Written(digests, state_names, written, members, norms)
 
 
@@ -208,16 +215,17 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     old_state = load_state(cfg.state, strategy.info)
     global_dir = Path(cfg.global_dir)
     adapter = has_adapter(global_dir)
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
     glob = GlobalModel(
         path=global_dir,
         checkpoint=read_checkpoint(global_dir, MODEL_STEM),
-        fingerprint=fingerprint(global_dir),
+        pending_fingerprint=hashing.submit(fingerprint, global_dir),
         adapter=read_checkpoint(global_dir / ADAPTER_SUBDIR, ADAPTER_STEM) if adapter else None,
         adapter_config=parse_config(read_json(global_dir / ADAPTER_SUBDIR / ADAPTER_CONFIG, "a PEFT adapter"))
         if adapter
         else None,
     )
-    with TensorReader() as reader:
+    with TensorReader() as reader, hashing:
         valid, rejected = screen(sources, glob, opts, cfg.round, reader, cfg.chunk_elems)
         if not valid:
             raise _quorum_error(0, expected, opts.min_updates, left, rejected)
@@ -229,6 +237,7 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
             weighted = _bases(cfg, valid, rejected)
             valid = [u for u, _, _ in weighted]
             if len(valid) < opts.min_updates or not valid:
+                _drop_stale(glob, valid, rejected)  # so that the error names every reason
                 raise _quorum_error(len(valid), expected, opts.min_updates, left, rejected)
             try:
                 with contextlib.ExitStack() as outputs:
@@ -240,14 +249,23 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
                         state_dir = out / STATE_DIR
                         state_dir.mkdir()
                     done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir)
+                    _reject_stale(glob, valid, rejected)
                     record = _finish(
                         cfg, glob, weighted, done, rejected, left, strategy, old_state, out, state_dir, reader, started
                     )
                 break
+            except _StaleBases as exc:
+                valid = [u for u in valid if u not in exc.updates]
             except UpdateFault as fault:
+                if _drop_stale(glob, valid, rejected):
+                    valid = [u for u in valid if not glob.stale([u])]
+                    continue
                 rejected.append(rejection(fault.update.facility, fault.update.path, fault.reason))
                 valid = [u for u in valid if u is not fault.update]
             except NonFiniteOutput as exc:
+                if _drop_stale(glob, valid, rejected):
+                    valid = [u for u in valid if not glob.stale([u])]
+                    continue
                 raise InputError(
                     f"tensor {exc.tensor!r} of the next global model would not be finite with strategy {strategy.info.name} "
                     f"({', '.join(f'{k} {v}' for k, v in hyperparameters(strategy).items())}), and no single update causes it; "
@@ -258,6 +276,30 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
         record.round, len(record.facilities), record.strategy, len(record.rejected), record.seconds,
     )  # fmt: skip
     return record
+
+
+class _StaleBases(Exception):
+    """Updates trained from another global model: found once the fingerprint is known, after a merge."""
+
+    def __init__(self, updates: list[Update]) -> None:
+        super().__init__(", ".join(u.facility for u in updates))
+        self.updates = updates
+
+
+def _drop_stale(glob: GlobalModel, valid: list[Update], rejected: list[Rejection]) -> bool:
+    """Reject every update trained from another global model; True if there was one."""
+    stale = glob.stale(valid)
+    for u in stale:
+        rejected.append(rejection(u.facility, u.path, STALE_BASE))
+    return bool(stale)
+
+
+def _reject_stale(glob: GlobalModel, valid: list[Update], rejected: list[Rejection]) -> None:
+    """After a merge: if an update claims another base, the round is written again without it."""
+    stale = glob.stale(valid)
+    if stale:
+        _drop_stale(glob, valid, rejected)
+        raise _StaleBases(stale)
 
 
 def _finish(

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
-from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader
+from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, to_f32
 
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
@@ -165,27 +165,24 @@ def change_norm_sq(module: LoraModule, reader: TensorReader, chunk_elems: int) -
     r, cols = module.rank, module.a.shape[1]
     block = max(1, chunk_elems // cols)
 
-    def a_rows(first: int) -> torch.Tensor:
-        n = min(block, r - first)
-        rows = reader.read(module.a, first * cols, n * cols).double().view(n, cols)
-        if not torch.isfinite(rows).all():
-            raise NotFinite(module.a.name)
-        return rows
+    def rows_of(entry: TensorEntry, first: int, n: int, width: int) -> np.ndarray:
+        values = to_f32(reader.read(entry, first * width, n * width), entry.dtype).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise NotFinite(entry.name)
+        return values.reshape(n, width)
 
-    gram_a = torch.zeros(r, r, dtype=torch.float64)
+    gram_a = np.zeros((r, r), dtype=np.float64)
     for i in range(0, r, block):
-        left = a_rows(i)
+        left = rows_of(module.a, i, min(block, r - i), cols)
         for j in range(i, r, block):
-            right = left if j == i else a_rows(j)
+            right = left if j == i else rows_of(module.a, j, min(block, r - j), cols)
             gram_a[i : i + left.shape[0], j : j + right.shape[0]] = left @ right.T
             gram_a[j : j + right.shape[0], i : i + left.shape[0]] = right @ left.T
-    gram_b = torch.zeros(r, r, dtype=torch.float64)
+    gram_b = np.zeros((r, r), dtype=np.float64)
     rows = max(1, chunk_elems // r)
     for first in range(0, module.b.shape[0], rows):
-        n = min(rows, module.b.shape[0] - first)
-        b = reader.read(module.b, first * r, n * r).double().view(n, r)
-        if not torch.isfinite(b).all():
-            raise NotFinite(module.b.name)
+        b = rows_of(module.b, first, min(rows, module.b.shape[0] - first), r)
         gram_b += b.T @ b
-    value = float(torch.sum(gram_a * gram_b)) * module.scale**2
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = float(np.sum(gram_a * gram_b)) * module.scale**2
     return value if value == value else float("inf")

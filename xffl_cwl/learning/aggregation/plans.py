@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from xffl_cwl.learning.aggregation.lora import NotFinite, change_norm_sq
 from xffl_cwl.learning.aggregation.robust import Rule
 from xffl_cwl.learning.aggregation.screening import GlobalModel
 from xffl_cwl.learning.aggregation.updates import Update
 from xffl_cwl.learning.model_dir import ADAPTER_STEM, ADAPTER_SUBDIR
-from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, TensorSpec, row_chunks
+from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, TensorSpec, row_chunks, to_f32
 
 
 class UpdateFault(Exception):
@@ -54,18 +54,18 @@ class Norms:
         self.per_facility[facility] = self.per_facility.get(facility, 0.0) + value
 
 
-def sq_norm(x: torch.Tensor) -> float:
+def sq_norm(x: np.ndarray) -> float:
     """Squared L2 norm of a flat chunk: one fp32 pass; float64 only if fp32 overflows. NaN if x holds NaN/Inf."""
-    value = float(torch.dot(x, x))
+    value = float(np.dot(x, x))
     if value == float("inf"):
-        wide = x.double()
-        value = float(torch.dot(wide, wide))
+        wide = x.astype(np.float64)
+        value = float(np.dot(wide, wide))
     return value
 
 
-def all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: np.ndarray) -> bool:
     """No NaN or Inf in x: a sum is finite when its terms are (one pass); a non-finite sum is checked exactly."""
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(float(x.sum())) or bool(np.isfinite(x).all())
 
 
 def _reweighted(members: list[Member]) -> list[Member]:
@@ -73,21 +73,54 @@ def _reweighted(members: list[Member]) -> list[Member]:
     return [Member(m.update, m.weight / total, m.clip) for m in members] if total > 0 else members
 
 
+class Scratch:
+    """One float32 buffer the merge reuses for every member's chunk: no page faults per chunk."""
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.float32)
+
+    def get(self, count: int) -> np.ndarray:
+        if self._buffer.size < count:
+            self._buffer = np.empty(count, dtype=np.float32)
+        return self._buffer[:count]
+
+
 class ValueTarget:
     """The members' own values of a tensor (full weights, FedIT A and B), combined by the rule."""
 
-    def __init__(self, name: str, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule) -> None:
+    def __init__(
+        self, name: str, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, scratch: Scratch
+    ) -> None:
         self.name, self.members, self.reader, self.norms, self.rule = name, members, reader, norms, rule
+        self.scratch = scratch
 
-    def _read(self, member: Member, start: int, count: int) -> torch.Tensor:
-        return self.reader.read(member.update.checkpoint.by_name[self.name], start, count).float()
+    def _read(self, member: Member, start: int, count: int, reuse: bool = False) -> np.ndarray:
+        """The member's values as float32; with `reuse`, in the shared scratch buffer when stored as F32."""
+        entry = member.update.checkpoint.by_name[self.name]
+        return to_f32(self.reader.read(entry, start, count, self.scratch.get(count) if reuse else None), entry.dtype)
+
+    def _mean_of_changes(
+        self, start: int, count: int, current: np.ndarray, members: list[Member], counted: bool
+    ) -> np.ndarray:
+        """current + sum of w * (values - current): each member's values read once into one reused buffer,
+        their change checked finite through its norm, which the record needs anyway."""
+        acc = np.zeros(count, dtype=np.float32)
+        for m in members:
+            delta = np.subtract(self._read(m, start, count, reuse=True), current, out=self.scratch.get(count))
+            distance = sq_norm(delta)
+            if not math.isfinite(distance):
+                raise self._fault(m)
+            if counted:
+                self.norms.add(m.facility, distance)
+            delta *= np.float32(m.weight * m.clip)
+            acc += delta
+        acc += current
+        return acc
 
     def _fault(self, member: Member) -> UpdateFault:
         return UpdateFault(member.update, f"tensor {self.name!r} holds NaN or Inf values")
 
-    def _checked(
-        self, member: Member, start: int, count: int, current: torch.Tensor | None, counted: bool
-    ) -> torch.Tensor:
+    def _checked(self, member: Member, start: int, count: int, current: np.ndarray | None, counted: bool) -> np.ndarray:
         """The member's values for these elements, checked finite (through their distance from the current
         ones, which the update norm needs anyway), and clipped when the member's change is."""
         values = self._read(member, start, count)
@@ -102,22 +135,31 @@ class ValueTarget:
         if counted:
             self.norms.add(member.facility, distance)
         if member.clip < 1.0:
-            return delta.mul_(member.clip).add_(current)
+            delta *= member.clip
+            delta += current
+            return delta
         return values
 
     def mean(
-        self, start: int, count: int, current: torch.Tensor | None, members: list[Member] | None = None
-    ) -> torch.Tensor:
+        self, start: int, count: int, current: np.ndarray | None, members: list[Member] | None = None
+    ) -> np.ndarray:
         counted = members is None
         members = self.members if members is None else members
+        if self.rule.kind == "mean" and current is not None:
+            return self._mean_of_changes(start, count, current, members, counted)
         if self.rule.kind == "mean":
-            acc = torch.zeros(count, dtype=torch.float32)
+            acc = None
             for m in members:
-                acc.add_(self._checked(m, start, count, current, counted), alpha=m.weight)
-            return acc
+                values = self._checked(m, start, count, current, counted)
+                values *= np.float32(m.weight)
+                if acc is None:
+                    acc = values
+                else:
+                    acc += values
+            return acc if acc is not None else np.zeros(count, dtype=np.float32)
         return self.rule.robust([self._checked(m, start, count, current, counted) for m in members])
 
-    def change(self, member: Member, start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
+    def change(self, member: Member, start: int, count: int, current: np.ndarray | None) -> np.ndarray:
         """What this member alone would move these elements by (its values, where nothing is there yet)."""
         values = self._read(member, start, count)
         if not all_finite(values):
@@ -131,7 +173,7 @@ class ValueTarget:
         for start, count in row_chunks(entry.shape, chunk_elems):
             values = self._read(member, start, count)
             if current_entry is not None:
-                values -= self.reader.read(current_entry, start, count).float()
+                values -= to_f32(self.reader.read(current_entry, start, count), current_entry.dtype)
             distance = sq_norm(values)
             if not math.isfinite(distance):
                 raise self._fault(member)
@@ -148,23 +190,27 @@ class LoraTarget:
         self.base, self.members, self.reader, self.norms, self.rule = base, members, reader, norms, rule
         self.block_rows = max(1, chunk_elems // base.shape[1])  # rows of A read at once: bounds memory at any rank
 
-    def _delta(self, member: Member, start: int, count: int) -> torch.Tensor | None:
+    def _delta(self, member: Member, start: int, count: int) -> np.ndarray | None:
         module = member.update.modules.get(self.base.name)
         if module is None:
             return None
-        cols = self.base.shape[1]
+        cols, rank = self.base.shape[1], module.rank
         first_row, rows = start // cols, count // cols
-        b = self.reader.read(module.b, first_row * module.rank, rows * module.rank).float().view(rows, module.rank)
+        b = to_f32(self.reader.read(module.b, first_row * rank, rows * rank), module.b.dtype).reshape(rows, rank)
         delta = None
-        for k in range(0, module.rank, self.block_rows):
-            kb = min(self.block_rows, module.rank - k)
-            a = self.reader.read(module.a, k * cols, kb * cols).float().view(kb, cols)
-            part = b[:, k : k + kb] @ a if kb < module.rank else b @ a
-            delta = part if delta is None else delta.add_(part)
+        for k in range(0, rank, self.block_rows):
+            kb = min(self.block_rows, rank - k)
+            a = to_f32(self.reader.read(module.a, k * cols, kb * cols), module.a.dtype).reshape(kb, cols)
+            part = b[:, k : k + kb] @ a if kb < rank else b @ a
+            if delta is None:
+                delta = part
+            else:
+                delta += part
         assert delta is not None
-        return delta.mul_(module.scale).reshape(-1)
+        delta *= np.float32(module.scale)
+        return delta.reshape(-1)
 
-    def _checked(self, member: Member, start: int, count: int, counted: bool) -> torch.Tensor | None:
+    def _checked(self, member: Member, start: int, count: int, counted: bool) -> np.ndarray | None:
         """The member's change to these elements, checked finite through its norm (which is recorded)."""
         delta = self._delta(member, start, count)
         if delta is None:
@@ -176,27 +222,30 @@ class LoraTarget:
             )
         if counted:
             self.norms.add(member.facility, distance)
-        return delta.mul_(member.clip) if member.clip < 1.0 else delta
+        if member.clip < 1.0:
+            delta *= np.float32(member.clip)
+        return delta
 
     def mean(
-        self, start: int, count: int, current: torch.Tensor | None, members: list[Member] | None = None
-    ) -> torch.Tensor:
+        self, start: int, count: int, current: np.ndarray | None, members: list[Member] | None = None
+    ) -> np.ndarray:
         assert current is not None
         counted = members is None
         members = self.members if members is None else members
         if self.rule.kind == "mean":
-            acc = current.clone()
+            acc = current.copy()
             for m in members:
                 delta = self._checked(m, start, count, counted)
                 if delta is not None:
-                    acc.add_(delta, alpha=m.weight)
+                    delta *= np.float32(m.weight)
+                    acc += delta
             return acc
         deltas = [self._checked(m, start, count, counted) for m in members]
-        return current + self.rule.robust([torch.zeros(count) if d is None else d for d in deltas])
+        return current + self.rule.robust([np.zeros(count, dtype=np.float32) if d is None else d for d in deltas])
 
-    def change(self, member: Member, start: int, count: int, current: torch.Tensor | None) -> torch.Tensor:
+    def change(self, member: Member, start: int, count: int, current: np.ndarray | None) -> np.ndarray:
         delta = self._checked(member, start, count, counted=False)
-        return torch.zeros(count, dtype=torch.float32) if delta is None else delta
+        return np.zeros(count, dtype=np.float32) if delta is None else delta
 
     def delta_sq(self, member: Member, current_entry: TensorEntry | None, chunk_elems: int) -> float:
         module = member.update.modules.get(self.base.name)
@@ -245,7 +294,8 @@ def _model_plan(ckpt: Checkpoint, targets: dict[str, Target]) -> list[OutputShar
 def full_plan(
     glob: GlobalModel, members: list[Member], reader: TensorReader, norms: Norms, rule: Rule, chunk_elems: int
 ) -> list[OutputShard]:
-    targets = {e.name: ValueTarget(e.name, members, reader, norms, rule) for e in glob.checkpoint.entries()}
+    scratch = Scratch()
+    targets = {e.name: ValueTarget(e.name, members, reader, norms, rule, scratch) for e in glob.checkpoint.entries()}
     return _model_plan(glob.checkpoint, targets)
 
 
@@ -264,11 +314,12 @@ def fedit_plan(
 ) -> list[OutputShard]:
     """FedIT: the base is copied, the adapter's A and B are combined separately."""
     reference = glob.adapter or members[0].update.checkpoint
+    scratch = Scratch()
     adapter_plans = [
         TensorPlan(
             TensorSpec(e.name, e.dtype, e.shape),
             glob.adapter.by_name[e.name] if glob.adapter else None,
-            ValueTarget(e.name, members, reader, norms, rule),
+            ValueTarget(e.name, members, reader, norms, rule, scratch),
         )
         for e in reference.entries()
     ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,12 @@ class Rule:
         """How many values a trimmed mean drops from each end: at least one when it can keep one."""
         return min(max(1, int(self.trim * n)), (n - 1) // 2) if n >= 3 else 0
 
-    def robust(self, values: list[torch.Tensor]) -> torch.Tensor:
-        """The coordinate-wise median or trimmed mean of equally shaped chunks."""
-        ordered = torch.stack(values).sort(dim=0).values
+    def robust(self, values: list[np.ndarray]) -> np.ndarray:
+        """The coordinate-wise median or trimmed mean of equally shaped float32 chunks."""
+        ordered = np.sort(np.stack(values), axis=0)
         n = len(values)
         if self.kind == "median":
             mid = n // 2
-            return ordered[mid].clone() if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+            return ordered[mid].copy() if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
         k = self.trimmed(n)
-        return ordered[k : n - k].mean(dim=0)
+        return ordered[k : n - k].mean(axis=0, dtype=np.float32)

@@ -2,12 +2,14 @@
 
 Whatever goes wrong while one update is read or checked is that update's rejection (one line: its
 facility, the file or tensor, the reason), never the round's end. Tensor values are checked later,
-as the merge reads them (see plans.py), so a good round reads every update once.
+as the merge reads them (see plans.py), so a good round reads every update once; so is the base
+each update claims (GlobalModel.stale), once the global model's fingerprint is known.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +32,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """What every update is checked against: the current global model and its fingerprint."""
+    """What every update is checked against: the current global model and its fingerprint.
+
+    The fingerprint (a sha256 of every weight file) is computed on another thread while the round
+    is merged; each update's claimed base is checked against it before the result is kept."""
 
     path: Path
     checkpoint: Checkpoint
-    fingerprint: str
+    pending_fingerprint: Future[str]
     adapter: Checkpoint | None  # the global adapter of a FedIT federation
     adapter_config: object | None = None  # its AdapterConfig
+
+    @property
+    def fingerprint(self) -> str:
+        return self.pending_fingerprint.result()
+
+    def stale(self, updates: list[Update]) -> list[Update]:
+        """The updates trained from another global model than this one."""
+        return [u for u in updates if u.record.base_fingerprint != self.fingerprint]
+
+
+STALE_BASE = "it was trained from a different global model (base fingerprint differs from --global)"
 
 
 def rejection(facility: str, path: Path, reason: str) -> Rejection:
@@ -85,8 +101,6 @@ def _check(
     expected_round = round_number if round_number is not None else (first.round if first else None)
     if expected_round is not None and update.round != expected_round:
         raise update.reject(f"it is for round {update.round}, this aggregation is for round {expected_round}")
-    if update.record.base_fingerprint != glob.fingerprint:
-        raise update.reject("it was trained from a different global model (base fingerprint differs from --global)")
     if options.weighting == "samples" and update.samples == 0:
         raise update.reject("it reports 0 training samples")
     if options.weighting == "tokens" and update.tokens == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from xffl_cwl.learning.aggregation.plans import (
     Member,
@@ -25,7 +25,7 @@ from xffl_cwl.learning.aggregation.plans import (
 )
 from xffl_cwl.learning.aggregation.server_state import ServerState
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer
-from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, TensorSpec, row_chunks
+from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, TensorSpec, from_f32, row_chunks, to_f32
 
 
 class NonFiniteOutput(Exception):
@@ -36,7 +36,7 @@ class NonFiniteOutput(Exception):
         self.tensor = tensor
 
 
-def _finite(new: torch.Tensor, state: dict[str, torch.Tensor]) -> bool:
+def _finite(new: np.ndarray, state: dict[str, np.ndarray]) -> bool:
     return all_finite(new) and all(all_finite(s) for s in state.values())
 
 
@@ -61,7 +61,7 @@ def stream(
     if state_dir is not None:
         specs = [TensorSpec(p.spec.name, "F32", p.spec.shape) for p in stepped]
         specs += [TensorSpec(n, "F32", old_state.slots[slots[0]].by_name[n].shape) for n in carried]
-        slot_writers = {slot: ShardWriter(state_dir / f"{slot}.safetensors", specs) for slot in slots}
+        slot_writers = {slot: ShardWriter(state_dir / f"{slot}.safetensors", specs, hashed=False) for slot in slots}
     digests: dict[str, str] = {}
     written = 0
     for shard in shards:
@@ -73,7 +73,7 @@ def stream(
                 if plan.target is None:
                     writer.write(plan.spec.name, stored)
                     continue
-                current = stored.float() if stored is not None else None
+                current = to_f32(stored, plan.spec.dtype) if stored is not None else None
                 mean = plan.target.mean(start, count, current)
                 state = {slot: _state_chunk(old_state, slot, plan.spec.name, start, count, reader) for slot in slots}
                 new = strategy.step(current if current is not None else mean, mean, state)
@@ -81,7 +81,7 @@ def stream(
                     _blame(plan, start, count, current, strategy, old_state, reader, members)
                 if current is not None:
                     norms.update += sq_norm(new - current)
-                writer.write(plan.spec.name, new.to(plan.spec.torch_dtype))
+                writer.write(plan.spec.name, from_f32(new, plan.spec.dtype))
                 for slot, slot_writer in slot_writers.items():
                     slot_writer.write(plan.spec.name, state[slot])
         digests[shard.relpath] = writer.close()
@@ -100,7 +100,7 @@ def _blame(
     plan: TensorPlan,
     start: int,
     count: int,
-    current: torch.Tensor | None,
+    current: np.ndarray | None,
     strategy: ServerOptimizer,
     old_state: ServerState,
     reader: TensorReader,
@@ -109,13 +109,13 @@ def _blame(
     """Raise UpdateFault for the member that makes this chunk non-finite, or NonFiniteOutput if none does alone."""
     target = plan.target
     assert target is not None
-    sizes = [(float(target.change(m, start, count, current).abs().max()), m) for m in members]
+    sizes = [(float(np.abs(target.change(m, start, count, current)).max()), m) for m in members]
     size, culprit = max(sizes, key=lambda pair: pair[0])
     rest = without(members, culprit.facility)
     if rest:
         mean = target.mean(start, count, current, rest)
     else:  # the only member: without it the step has nothing to do
-        mean = current if current is not None else torch.zeros(count)
+        mean = current if current is not None else np.zeros(count, dtype=np.float32)
     state = {slot: _state_chunk(old_state, slot, plan.spec.name, start, count, reader) for slot in strategy.info.slots}
     if _finite(strategy.step(current if current is not None else mean, mean, state), state):
         raise UpdateFault(
@@ -125,10 +125,8 @@ def _blame(
     raise NonFiniteOutput(plan.spec.name)
 
 
-def _state_chunk(
-    state: ServerState, slot: str, name: str, start: int, count: int, reader: TensorReader
-) -> torch.Tensor:
+def _state_chunk(state: ServerState, slot: str, name: str, start: int, count: int, reader: TensorReader) -> np.ndarray:
     """The previous round's slot values for these elements; zeros for a tensor seen for the first time."""
     ckpt = state.slots.get(slot)
     entry = ckpt.by_name.get(name) if ckpt is not None else None
-    return reader.read(entry, start, count) if entry is not None else torch.zeros(count, dtype=torch.float32)
+    return reader.read(entry, start, count) if entry is not None else np.zeros(count, dtype=np.float32)

@@ -12,7 +12,7 @@ import inspect
 from dataclasses import asdict
 from typing import ClassVar, Protocol
 
-from torch import Tensor
+from numpy import ndarray
 
 from xffl_cwl.contract.options import AggregateOptions
 from xffl_cwl.contract.strategies import STRATEGIES, StrategyInfo
@@ -28,7 +28,7 @@ class ServerOptimizer(Protocol):
     info: ClassVar[StrategyInfo]
     server_lr: float
 
-    def step(self, weights: Tensor, mean: Tensor, state: dict[str, Tensor]) -> Tensor: ...
+    def step(self, weights: ndarray, mean: ndarray, state: dict[str, ndarray]) -> ndarray: ...
 
 
 IMPLEMENTATIONS: dict[str, type] = {cls.info.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, Nesterov)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import numpy as np
 
 from xffl_cwl.contract.strategies import FEDAVG, StrategyInfo
 
@@ -16,7 +16,7 @@ class FedAvg:
 
     info: ClassVar[StrategyInfo] = FEDAVG
 
-    def step(self, weights: Tensor, mean: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def step(self, weights: np.ndarray, mean: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         if self.server_lr == 1.0:
             return mean  # exactly the weighted mean, no rounding through the pseudo-gradient
         return weights - self.server_lr * (weights - mean)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import numpy as np
 
 from xffl_cwl.contract.strategies import FEDAVGM, StrategyInfo
 
@@ -17,7 +17,8 @@ class FedAvgM:
 
     info: ClassVar[StrategyInfo] = FEDAVGM
 
-    def step(self, weights: Tensor, mean: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def step(self, weights: np.ndarray, mean: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         buf = state["momentum"]
-        buf.mul_(self.momentum).add_(weights - mean)
+        buf *= self.momentum
+        buf += weights - mean
         return weights - self.server_lr * buf

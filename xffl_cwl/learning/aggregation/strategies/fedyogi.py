@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import numpy as np
 
 from xffl_cwl.contract.strategies import FEDYOGI, StrategyInfo
 
@@ -21,10 +21,11 @@ class FedYogi:
 
     info: ClassVar[StrategyInfo] = FEDYOGI
 
-    def step(self, weights: Tensor, mean: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def step(self, weights: np.ndarray, mean: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         g = weights - mean
         g2 = g * g
         m, v = state["m"], state["v"]
-        m.mul_(self.betas[0]).add_(g, alpha=1 - self.betas[0])
-        v.sub_((1 - self.betas[1]) * g2 * (v - g2).sign())
-        return weights - self.server_lr * m / (v.sqrt() + self.tau)
+        m *= self.betas[0]
+        m += (1 - self.betas[0]) * g
+        v -= (1 - self.betas[1]) * g2 * np.sign(v - g2)
+        return weights - self.server_lr * m / (np.sqrt(v) + self.tau)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import numpy as np
 
 from xffl_cwl.contract.strategies import NESTEROV, StrategyInfo
 
@@ -17,8 +17,9 @@ class Nesterov:
 
     info: ClassVar[StrategyInfo] = NESTEROV
 
-    def step(self, weights: Tensor, mean: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def step(self, weights: np.ndarray, mean: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         g = weights - mean
         buf = state["momentum"]
-        buf.mul_(self.momentum).add_(g)
+        buf *= self.momentum
+        buf += g
         return weights - self.server_lr * (g + self.momentum * buf)
