@@ -22,7 +22,10 @@ from xffl_cwl.contract.params import Param
 from xffl_cwl.contract.strategies import STRATEGIES
 
 TOOLS = {
-    "train.cwl": (TrainOptions, {"model", "dataset", "facility", "round", "deadline", "nnodes", "nproc_per_node"}),
+    "train.cwl": (
+        TrainOptions,
+        {"model", "change", "dataset", "facility", "round", "deadline", "nnodes", "nproc_per_node"},
+    ),
     "aggregate.cwl": (
         AggregateOptions,
         {"global_model", "updates", "state", "round", "max_weights", "weights", "statuses", "left_out"},

@@ -42,9 +42,12 @@ def edited_run(tmp_path_factory, demo_assets):
         block["label"] = f"Local training at {new}"
         block["in"]["dataset"] = f"dataset_{new}"
         block["in"]["facility"]["default"] = new
+        block["in"]["model"]["source"][0] = f"local_{new}"
         doc["steps"].insert(2, f"train_{new}", block)
-        # 2. declare its dataset input
+        # 2. declare its dataset input, and its copy of the model, which the loop carries
         doc["inputs"][f"dataset_{new}"] = copy.deepcopy(doc["inputs"]["dataset_lumi"])
+        doc["inputs"][f"local_{new}"] = copy.deepcopy(doc["inputs"]["local_lumi"])
+        doc["outputs"][f"new_local_{new}"] = {"type": "Directory?", "outputSource": f"train_{new}/local_model"}
         # 3. add its update and its status record to the aggregator's sources
         doc["steps"]["aggregate"]["in"]["updates"]["source"].append(f"train_{new}/update")
         doc["steps"]["aggregate"]["in"]["statuses"]["source"].append(f"train_{new}/status")
@@ -53,6 +56,9 @@ def edited_run(tmp_path_factory, demo_assets):
         # 4. declare the dataset in main.cwl and pass it to the loop
         doc["inputs"][f"dataset_{new}"] = copy.deepcopy(doc["inputs"]["dataset_lumi"])
         doc["steps"]["federation"]["in"][f"dataset_{new}"] = f"dataset_{new}"
+        doc["steps"]["federation"]["in"][f"local_{new}"] = {"valueFrom": "$(null)"}
+        doc["steps"]["federation"]["out"].append(f"new_local_{new}")
+        doc["steps"]["federation"]["requirements"]["cwltool:Loop"]["loop"][f"local_{new}"] = f"new_local_{new}"
 
     def inputs_yml(doc):
         # 5. say where the data is

@@ -157,3 +157,47 @@ def test_fedit_second_round_steps_from_the_global_adapter(setup):
     with pytest.raises(Exception, match="fedit"):
         run_aggregate(global_dir=g1, updates=ups, out=tmp_path / "round2-exact", lora_merge="exact")
     assert not (tmp_path / "round2-exact").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "nesterov"])
+def test_exact_lora_change_is_rebuilt_bit_for_bit_from_low_rank_factors(setup, strategy):
+    """With fedavg the change of each adapted weight is sent as factors of rank sum(r_i) (here 3 x 4 = 12 of
+    24 x 16): the facility's B @ A is computed as the aggregator's, so its copy equals the new model; with a
+    server optimizer the change is no longer low-rank and is sent dense."""
+    from xffl_cwl.contract.options import AggregateOptions
+    from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
+    from xffl_cwl.learning.model_change import rebuild
+
+    tmp_path, base, paths, _, _, _, true_delta = setup
+    named = [f"fac{i}={p}" for i, p in enumerate(paths)]
+    out, change = tmp_path / f"out-{strategy}", tmp_path / f"change-{strategy}"
+    options = AggregateOptions(strategy=strategy, server_lr=1.0 if strategy == "fedavg" else 0.5)
+    record = aggregate(AggregateConfig(tmp_path / "global", named, out, options, change_out=change))
+    assert rebuild(tmp_path / "global", change, tmp_path / f"copy-{strategy}") == record.fingerprint
+    assert record.change.kind == ("low_rank" if strategy == "fedavg" else "delta")
+    if strategy == "fedavg":
+        factors = load_file(str(change / "factors.safetensors"))
+        assert factors[f"{MODULES[0]}.weight::B"].shape == (OUT_F, 12)
+        assert factors[f"{MODULES[0]}.weight::A"].shape == (12, IN_F)
+        merged = load_file(str(out / "model.safetensors"))
+        for m in MODULES:  # still the exact mean of the products
+            assert _relative_error(merged[f"{m}.weight"].double() - base[f"{m}.weight"].double(), true_delta[m]) < 1e-5
+        assert "model.norm.weight::B" not in factors
+
+
+def test_fedit_change_is_the_adapter_and_the_base_stays_linked(setup):
+    from xffl_cwl.contract.options import AggregateOptions
+    from xffl_cwl.learning.aggregation import AggregateConfig, aggregate
+    from xffl_cwl.learning.model_change import rebuild
+
+    tmp_path, _, paths, _, _, _, _ = setup
+    named = [f"fac{i}={p}" for i, p in enumerate(paths)]
+    options = AggregateOptions(lora_merge="fedit")
+    record = aggregate(
+        AggregateConfig(tmp_path / "global", named, tmp_path / "out", options, change_out=tmp_path / "c")
+    )
+    assert record.change.kind == "adapter"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["adapter", "change.json"]
+    assert rebuild(tmp_path / "global", tmp_path / "c", tmp_path / "copy") == record.fingerprint
+    base_file, copied = tmp_path / "global" / "model.safetensors", tmp_path / "copy" / "model.safetensors"
+    assert copied.stat().st_ino == base_file.stat().st_ino  # the base was not rewritten, nor copied

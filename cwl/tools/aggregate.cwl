@@ -8,10 +8,12 @@ doc: |
   bounded memory; a bad update is left out, never the round. FedAvg or a FedOpt server
   optimizer (fedavgm, fedadam, fedyogi, nesterov) whose state is carried from round to round.
   LoRA updates are merged exactly (mean of B_i A_i into the base weights) or FedIT-style.
+  Beside the model it writes the round's change, which facilities apply to the copy they keep.
 baseCommand: [xffl-cwl, aggregate]
 arguments:
   - {prefix: --out, valueFrom: model}
   - {prefix: --state-out, valueFrom: state}
+  - {prefix: --change-out, valueFrom: change}
 requirements:
   EnvVarRequirement:
     envDef:
@@ -157,6 +159,14 @@ inputs:
     label: Trimmed share
     doc: "trimmed_mean: share of the members dropped at each end, at least one when three or more (default 0.2)."
     inputBinding: {prefix: --trim}
+  downlink:
+    type:
+      type: enum
+      symbols: [fp32, bf16, int8]
+    default: fp32
+    label: Change encoding
+    doc: "How the round's change of the global model is sent to the facilities, which keep the previous one: fp32 (exact), bf16, or int8 with per-block scales; the lossy ones keep what was not sent for the next round (error feedback). Full and exact-LoRA federations; FedIT sends its adapter."
+    inputBinding: {prefix: --downlink}
   norm_clip:
     type: float?
     label: Norm clipping
@@ -173,6 +183,13 @@ outputs:
     label: Server-optimizer state
     doc: Present for stateful strategies; pass it to the next round.
     outputBinding: {glob: state}
+  change:
+    type: Directory
+    label: Change of the global model
+    doc: |
+      What a facility holding the previous global model needs to rebuild this one (train's change
+      input): the encoded change of every weight that moved, or FedIT's new adapter.
+    outputBinding: {glob: change}
   metrics:
     type: File
     label: Aggregation metrics

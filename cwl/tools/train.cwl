@@ -13,6 +13,12 @@ doc: |
   facility out of that round instead of stopping. The xffl-facility StreamFlow plugin writes the
   same record when SLURM ends the job (time limit, node failure, the deadline).
 
+  Data stays where it lives: with `change` (the aggregate step's change output), `model` is this
+  facility's own copy of the previous global model and the round's model is rebuilt from the two,
+  bit for bit (its fingerprint is checked); `local_model` is the copy to keep for the next round.
+  Without `change`, `model` is the round's global model itself (the first round, or a facility
+  that has no copy).
+
   Several workers (nnodes x nproc_per_node > 1): the model is sharded over them with PyTorch FSDP2;
   inside a SLURM allocation srun starts them, elsewhere they are local processes; only the first
   writes the update, in the same format. A worker that dies stops the others and the status names it.
@@ -25,6 +31,7 @@ $namespaces:
 baseCommand: [xffl-cwl, train]
 arguments:
   - {prefix: --out, valueFrom: $(inputs.facility)}
+  - {prefix: --local-out, valueFrom: model.local}
   - --no-progress
 requirements:
   InlineJavascriptRequirement: {}
@@ -53,8 +60,15 @@ inputs:
   model:
     type: Directory
     label: Global model
-    doc: Hugging Face causal-LM directory (config, tokenizer, safetensors); a FedIT model also holds adapter/.
+    doc: |
+      Hugging Face causal-LM directory (config, tokenizer, safetensors); a FedIT model also holds adapter/.
+      With `change`: this facility's copy of the previous global model (its local_model output).
     inputBinding: {prefix: --model}
+  change:
+    type: Directory?
+    label: Change of the global model
+    doc: The aggregate step's change output; absent in the first round.
+    inputBinding: {prefix: --change}
   dataset:
     type: [File, Directory]
     label: Local dataset
@@ -209,12 +223,25 @@ inputs:
     label: Text field
     doc: Column or JSON key holding the text (default text).
     inputBinding: {prefix: --text-field}
+  uplink:
+    type:
+      type: enum
+      symbols: [fp32, bf16, int8]
+    default: fp32
+    label: Update encoding
+    doc: "Full mode: fp32 sends the new weights; bf16, or int8 with per-block scales, sends their change, and the facility keeps what was not sent for its next update (error feedback)."
+    inputBinding: {prefix: --uplink}
 outputs:
   update:
     type: Directory?
     label: Update
     doc: Full weights (model directory) or a PEFT adapter, with update.json, in a directory named after the facility.
     outputBinding: {glob: $(inputs.facility)}
+  local_model:
+    type: Directory?
+    label: This facility's copy of the global model
+    doc: The model this round trained from (hard links where possible); pass it as `model` with the next round's change.
+    outputBinding: {glob: model.local}
   metrics:
     type: File?
     label: Update metrics

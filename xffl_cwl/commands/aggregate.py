@@ -54,6 +54,11 @@ def named_numbers(flag: str, values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--left-out", multiple=True, help="NAME@ROUND: REASON: the orchestrator left NAME out of that round.")
 @click.option("--state", type=_dir, help="Server-optimizer state directory of the previous round.")
 @click.option("--state-out", type=_dir, help="Where to write the new state (default: OUT/state).")
+@click.option(
+    "--change-out",
+    type=_dir,
+    help="Also write the round's change here: what a facility keeping the current model applies to rebuild the next.",
+)
 @click.option("--round", "round_", type=int, help="Round being aggregated; updates for other rounds are rejected.")
 @click.option("--chunk-mb", type=float, default=4.0, show_default=True, help="Working chunk size (bounds memory).")
 def aggregate_command(
@@ -66,6 +71,7 @@ def aggregate_command(
     left_out: tuple[str, ...],
     state: Path | None,
     state_out: Path | None,
+    change_out: Path | None,
     round_: int | None,
     chunk_mb: float,
     **settings,
@@ -97,6 +103,7 @@ def aggregate_command(
         named_numbers("--weight", weights),
         list(statuses),
         list(left_out),
+        change_out,
     )
     r = aggregate(cfg)
     event = Event(

@@ -34,6 +34,18 @@ def _deadline(value: str | None) -> float | None:
     "--dataset", required=True, type=_dir, help="save_to_disk directory, JSONL file, text file, or a folder of them."
 )
 @click.option("--out", required=True, type=_dir, help="Update directory to create (must not exist).")
+@click.option(
+    "--change",
+    type=_dir,
+    help="The aggregator's change of the global model (its change/ output): --model is then this facility's copy of "
+    "the previous global model, which the change turns into this round's.",
+)
+@click.option(
+    "--local-out",
+    type=_dir,
+    help="Write the round's global model (rebuilt, or --model itself, hard-linked where possible) here and train from "
+    "it: the copy this facility keeps for the next round's change.",
+)
 @click.option("--facility", required=True, help="Name of this facility, recorded in update.json.")
 @click.option("--round", "round_", type=int, default=1, show_default=True, help="Federated round number.")
 @settings_options(TrainOptions)
@@ -69,6 +81,8 @@ def train_command(
     model: Path,
     dataset: Path,
     out: Path,
+    change: Path | None,
+    local_out: Path | None,
     facility: str,
     round_: int,
     device: str,
@@ -80,7 +94,7 @@ def train_command(
     **settings,
 ) -> None:
     """Fine-tune the global model on this facility's data and write the update."""
-    args = ["--model", str(model), "--dataset", str(dataset), "--out", str(out), "--facility", facility]
+    args = ["--dataset", str(dataset), "--out", str(out), "--facility", facility]
     args += ["--round", str(round_), "--device", device] + (["--no-progress"] if no_progress else [])
     for p in tool_params(TrainOptions):
         value = settings[p.name]
@@ -88,12 +102,31 @@ def train_command(
             args += [p.flag] if value else []
         elif value is not None:
             args += [p.flag, str(value)]
-    if status is not None:
+    if status is not None:  # the guarded child rebuilds the model: a failure there is the facility's round
         from xffl_cwl.learning.launcher import run_guarded
 
         world = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node)]
-        code = run_guarded(args + world, status, facility, round_, _deadline(deadline), out, click.echo)
+        kept = (["--change", str(change)] if change else []) + (["--local-out", str(local_out)] if local_out else [])
+        code = run_guarded(
+            ["--model", str(model), *kept, *args, *world],
+            status,
+            facility,
+            round_,
+            _deadline(deadline),
+            out,
+            click.echo,
+        )
         raise SystemExit(code)
+    if change is not None and local_out is None:
+        from xffl_cwl.errors import InputError
+
+        raise InputError("--change needs --local-out: the rebuilt model is written there, and trained from")
+    if local_out is not None and os.environ.get(WORKER_ENV) != "1":
+        from xffl_cwl.learning.model_change import rebuild
+
+        rebuild(model, change, local_out)
+        model = local_out
+    args = ["--model", str(model), *args]
     if nnodes * nproc_per_node > 1 and os.environ.get(WORKER_ENV) != "1":
         from xffl_cwl.learning.workers import launch
 

@@ -30,6 +30,7 @@ AGGREGATE_STEP = "aggregate"
 EVALUATE_STEP = "evaluate"
 TRAIN_STEP_PREFIX = "train_"
 DATASET_INPUT_PREFIX = "dataset_"
+LOCAL_INPUT_PREFIX = "local_"  # round.cwl: a facility's copy of the previous global model, carried by the loop
 
 # The StreamFlow plugin's deployment type
 FACILITY_CONNECTOR = "xffl-facility"
@@ -71,6 +72,10 @@ def train_step_id(facility: str) -> str:
 
 def dataset_input_id(facility: str) -> str:
     return DATASET_INPUT_PREFIX + facility
+
+
+def local_input_id(facility: str) -> str:
+    return LOCAL_INPUT_PREFIX + facility
 
 
 def status_file(facility: str) -> str:

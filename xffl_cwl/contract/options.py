@@ -20,6 +20,7 @@ Backend = Literal["auto", "nccl", "gloo"]
 LoraMerge = Literal["exact", "fedit"]
 Weighting = Literal["samples", "tokens", "uniform"]
 Merge = Literal["mean", "trimmed_mean", "median"]
+Encoding = Literal["fp32", "bf16", "int8"]  # how a change of the weights crosses between sites (learning/deltas.py)
 DEVICES = ("auto", "cpu", "cuda")  # where a tool runs: auto picks CUDA/ROCm when torch sees a GPU
 
 
@@ -113,6 +114,12 @@ class TrainOptions:
         max_exclusive=True,
     )
     text_field: str = setting("text", "Text field", "Column or JSON key holding the text (default {default}).")
+    uplink: Encoding = setting(
+        "fp32",
+        "Update encoding",
+        "Full mode: fp32 sends the new weights; bf16, or int8 with per-block scales, sends their change, and the "
+        "facility keeps what was not sent for its next update (error feedback).",
+    )
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     def merged(self, changes: dict[str, Any]) -> TrainOptions:
@@ -177,6 +184,13 @@ class AggregateOptions:
         minimum=0.0,
         maximum=0.5,
         max_exclusive=True,
+    )
+    downlink: Encoding = setting(
+        "fp32",
+        "Change encoding",
+        "How the round's change of the global model is sent to the facilities, which keep the previous one: "
+        "fp32 (exact), bf16, or int8 with per-block scales; the lossy ones keep what was not sent for the next round "
+        "(error feedback). Full and exact-LoRA federations; FedIT sends its adapter.",
     )
     norm_clip: float | None = setting(
         None,

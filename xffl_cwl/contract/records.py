@@ -20,6 +20,7 @@ from xffl_cwl.contract.params import shown
 MAX_INT = 2**53  # beyond this a JSON integer is not exactly a float: no honest count is that large
 MAX_TEXT = 4096
 FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+UPDATE_ENCODINGS = ("fp32", "bf16", "int8")  # the Encoding literal of contract.options
 PRINTABLE = re.compile(r"[!-~]+")  # ASCII without spaces or control characters
 CONTAINER_TEXT_LIMIT = 512
 
@@ -168,6 +169,7 @@ class UpdateRecord:
     device: str | None = None
     software: dict[str, str] = field(default_factory=dict)
     container: ContainerRecord = field(default_factory=ContainerRecord)
+    encoding: str = "fp32"  # full mode: fp32 is the new weights; bf16/int8 their encoded change (learning/deltas.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": 1, **asdict(self)}
@@ -186,6 +188,12 @@ class UpdateRecord:
         fp = _str(d.get("base_fingerprint"), "update.json base_fingerprint", 80)
         if not FINGERPRINT.fullmatch(fp):
             raise _fail("update.json base_fingerprint", "is not sha256:<64 hex digits>")
+        encoding = d.get("encoding", "fp32")
+        if encoding not in UPDATE_ENCODINGS or (mode == "lora" and encoding != "fp32"):
+            raise _fail(
+                "update.json encoding",
+                f"must be one of {', '.join(UPDATE_ENCODINGS)} (fp32 for lora), got {_short(encoding)}",
+            )
         return cls(
             facility=facility,
             round=_int(d.get("round"), "update.json round"),
@@ -202,6 +210,7 @@ class UpdateRecord:
             tokens_per_second=_opt(_num, d.get("tokens_per_second"), "update.json tokens_per_second", 0),
             bytes_written=_int(d.get("bytes_written", 0), "update.json bytes_written"),
             container=ContainerRecord.from_json(d.get("container", {}), "update.json container"),
+            encoding=encoding,
         )
 
 
@@ -300,9 +309,19 @@ class AggregateRecord:
     seconds: float
     peak_rss_bytes: int
     container: ContainerRecord  # the image this aggregation ran in
+    change: ChangeSummary | None = None  # what the facilities were sent to rebuild this model
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "version": 1, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ChangeSummary:
+    """The round's change as sent to the facilities: its kind (delta, adapter), encoding and size."""
+
+    kind: str
+    encoding: str
+    bytes: int
 
 
 @dataclass(frozen=True)

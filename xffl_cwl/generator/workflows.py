@@ -21,6 +21,7 @@ from xffl_cwl.contract.layout import (
     ROUND_CWL,
     TOOLS_DIR,
     dataset_input_id,
+    local_input_id,
     train_step_id,
 )
 from xffl_cwl.contract.options import AggregateOptions, TrainOptions, tool_params, tool_values
@@ -30,7 +31,7 @@ from xffl_cwl.facility.templates import load_template, nvidia_gpus, training_wor
 from xffl_cwl.federation.spec import FacilitySpec, FederationSpec, LocalDeployment
 
 CWLTOOL_NAMESPACE = "http://commonwl.org/cwltool#"
-TRAIN_OUTPUTS = ["update", "status", "metrics", "log"]
+TRAIN_OUTPUTS = ["update", "status", "local_model", "metrics", "log"]
 # A train step runs unless the orchestrator left its facility out of this round (`NAME@ROUND: REASON`
 # entries of `left_out`, which `xffl-cwl run` fills when it resumes without an unreachable facility).
 PRESENT = (
@@ -127,7 +128,12 @@ def _weight_limits(spec: FederationSpec) -> dict[str, list[str]]:
 
 def _train_step(facility: FacilitySpec, lo: cwl.LoadingOptions) -> cwl.WorkflowStep:
     inputs = [
-        cwl.WorkflowStepInput(id="model", source="model", loadingOptions=lo),
+        # the facility's own copy of the previous global model, if it has one, plus the round's change;
+        # else the global model itself (first round, or back from a round it missed)
+        cwl.WorkflowStepInput(
+            id="model", source=[local_input_id(facility.name), "model"], pickValue="first_non_null", loadingOptions=lo
+        ),
+        cwl.WorkflowStepInput(id="change", source="change", loadingOptions=lo),
         cwl.WorkflowStepInput(id="dataset", source=dataset_input_id(facility.name), loadingOptions=lo),
         cwl.WorkflowStepInput(id="facility", default=facility.name, loadingOptions=lo),
         cwl.WorkflowStepInput(id="round", source="round", loadingOptions=lo),
@@ -162,6 +168,24 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
     facility_inputs = [
         cwl.WorkflowInputParameter(
             id=dataset_input_id(f.name), type_=["File", "Directory"], label=f"Dataset of {f.name}", loadingOptions=lo
+        )
+        for f in spec.facilities
+    ]
+    local_inputs = [
+        cwl.WorkflowInputParameter(
+            id=local_input_id(f.name),
+            type_=["null", "Directory"],
+            label=f"{f.name}'s copy of the previous global model (kept there)",
+            loadingOptions=lo,
+        )
+        for f in spec.facilities
+    ]
+    local_outputs = [
+        cwl.WorkflowOutputParameter(
+            id=f"new_{local_input_id(f.name)}",
+            type_=["null", "Directory"],
+            outputSource=f"{train_step_id(f.name)}/local_model",
+            loadingOptions=lo,
         )
         for f in spec.facilities
     ]
@@ -204,6 +228,8 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
             "their updates into the next global model (aggregate) and evaluate appends the round to the history.\n"
             "A facility whose training fails still ends its step, with a status and no update: aggregate leaves\n"
             "it out of the round (pickValue: all_non_null) and it rejoins the next one.\n"
+            "Each facility keeps its copy of the global model (local_<facility>, carried by the loop, so it stays\n"
+            "where it is) and is sent only the round's change; one without a copy gets the whole model.\n"
             "To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in\n"
             "main.cwl, and its update and status to aggregate's sources (see the README)."
         ),
@@ -218,6 +244,12 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
             cwl.WorkflowInputParameter(
                 id="state", type_=["null", "Directory"], label="Server-optimizer state", loadingOptions=lo
             ),
+            cwl.WorkflowInputParameter(
+                id="change",
+                type_=["null", "Directory"],
+                label="Change of the global model in the previous round",
+                loadingOptions=lo,
+            ),
             cwl.WorkflowInputParameter(id="round", type_="int", label="Round number", loadingOptions=lo),
             cwl.WorkflowInputParameter(id="history", type_="File", label="History so far", loadingOptions=lo),
             cwl.WorkflowInputParameter(
@@ -230,6 +262,7 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
                 loadingOptions=lo,
             ),
             *facility_inputs,
+            *local_inputs,
         ],
         outputs=[
             cwl.WorkflowOutputParameter(
@@ -241,6 +274,10 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
             cwl.WorkflowOutputParameter(
                 id="new_history", type_="File", outputSource=f"{EVALUATE_STEP}/history", loadingOptions=lo
             ),
+            cwl.WorkflowOutputParameter(
+                id="new_change", type_="Directory", outputSource=f"{AGGREGATE_STEP}/change", loadingOptions=lo
+            ),
+            *local_outputs,
         ],
         steps=[
             *(_train_step(f, lo) for f in spec.facilities),
@@ -249,7 +286,7 @@ def build_round(spec: FederationSpec) -> cwl.Workflow:
                 label="Merge the updates",
                 run=f"{TOOLS_DIR}/aggregate.cwl",
                 in_=aggregate_inputs,
-                out=["model", "state", "metrics", "log"],
+                out=["model", "state", "change", "metrics", "log"],
                 loadingOptions=lo,
             ),
             cwl.WorkflowStep(
@@ -275,6 +312,11 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
             cwl.LoopInput(id="state", loopSource="new_state", loadingOptions=lo),
             cwl.LoopInput(id="history", loopSource="new_history", loadingOptions=lo),
             cwl.LoopInput(id="round", valueFrom="$(inputs.round + 1)", loadingOptions=lo),
+            cwl.LoopInput(id="change", loopSource="new_change", loadingOptions=lo),
+            *(
+                cwl.LoopInput(id=local_input_id(f.name), loopSource=f"new_{local_input_id(f.name)}", loadingOptions=lo)
+                for f in spec.facilities
+            ),
         ],
         outputMethod="last",
         loadingOptions=lo,
@@ -290,6 +332,12 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         cwl.WorkflowStepInput(id="test_set", source="test_set", loadingOptions=lo),
         cwl.WorkflowStepInput(id="left_out", source="left_out", loadingOptions=lo),
         *(cwl.WorkflowStepInput(id=d, source=d, loadingOptions=lo) for d in datasets),
+        # none before the first round: the loop carries them from each round to the next
+        cwl.WorkflowStepInput(id="change", valueFrom="$(null)", loadingOptions=lo),
+        *(
+            cwl.WorkflowStepInput(id=local_input_id(f.name), valueFrom="$(null)", loadingOptions=lo)
+            for f in spec.facilities
+        ),
     ]
     baseline_inputs = [
         cwl.WorkflowStepInput(id="history", source="history", loadingOptions=lo),
@@ -306,7 +354,8 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
         doc=(
             f"Federated fine-tuning across {', '.join(f.name for f in spec.facilities)}.\n"
             "baseline records the initial model, then round.cwl runs once per round under cwltool:Loop,\n"
-            "carrying the global model, the server-optimizer state, the round number and the history.\n"
+            "carrying the global model, the server-optimizer state, the round number and the history, and\n"
+            "the round's change and each facility's copy of the model, which stays at that facility.\n"
             "To resume, set first_round, model, state and history (xffl-cwl run --resume does it): baseline is then skipped."
         ),
         requirements=[
@@ -383,7 +432,13 @@ def build_main(spec: FederationSpec) -> cwl.Workflow:
                 label="The federated rounds",
                 run=ROUND_CWL,
                 in_=federation_inputs,
-                out=["new_model", "new_state", "new_history"],
+                out=[
+                    "new_model",
+                    "new_state",
+                    "new_history",
+                    "new_change",
+                    *(f"new_{local_input_id(f.name)}" for f in spec.facilities),
+                ],
                 requirements=[loop],
                 loadingOptions=lo,
             ),

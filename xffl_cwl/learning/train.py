@@ -35,7 +35,14 @@ from xffl_cwl.learning.distributed import World
 from xffl_cwl.learning.evaluation import mean_loss
 from xffl_cwl.learning.model_dir import ADAPTER_SUBDIR, copy_side_files, fingerprint, has_adapter
 from xffl_cwl.learning.provenance import current_container
-from xffl_cwl.learning.safetensors_stream import ShardWriter, read_checkpoint, specs_of
+from xffl_cwl.learning.safetensors_stream import (
+    ShardWriter,
+    TensorReader,
+    TensorSpec,
+    read_checkpoint,
+    specs_of,
+    to_f32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +140,61 @@ def _load_model(cfg: TrainConfig, base_fingerprint: str):
         raise InputError(f"--lora-targets {','.join(settings.targets)}: {str(exc).splitlines()[0]}") from exc
 
 
+def _write_encoded_update(model, cfg: TrainConfig, out: Path | None) -> None:
+    """The change of every float weight (trained fp32 values minus the global model's), encoded.
+
+    With a lossy encoding, what was not sent is kept in the facility's copy of the model (its
+    uplink/ folder, which --local-out creates) and added to the next round's change."""
+    from xffl_cwl.learning.model_change import UPLINK_DIR, UPLINK_RESIDUAL, ChangeWriter
+
+    encoding = cfg.options.uplink
+    ckpt = read_checkpoint(cfg.model)
+    entries = [e for e in ckpt.entries() if e.is_float]
+    uplink = Path(cfg.model) / UPLINK_DIR
+    residual = None
+    if (uplink / f"{UPLINK_RESIDUAL}.safetensors").is_file():
+        residual = read_checkpoint(uplink, UPLINK_RESIDUAL)
+        if any(residual.by_name.get(e.name) is None or residual.by_name[e.name].shape != e.shape for e in entries):
+            log.warning("the uplink residual in %s does not match the model; starting without it", uplink)
+            residual = None
+    keep = out is not None and uplink.is_dir()
+    writer = ChangeWriter(out, specs_of(entries), encoding) if out is not None else None
+    kept = (
+        ShardWriter(uplink / ".residual.tmp", [TensorSpec(e.name, "F32", e.shape) for e in entries], hashed=False)
+        if keep
+        else None
+    )
+    state = model.state_dict()
+    with TensorReader() as reader:
+        for entry in entries:
+            if entry.name not in state:
+                raise RuntimeError(f"trained model has no tensor {entry.name!r} that the global model stores")
+            trained = distributed.full(state[entry.name].detach()).to("cpu", torch.float32).reshape(-1).numpy()
+            if writer is None:
+                continue
+            wanted = trained - to_f32(reader.read(entry), entry.dtype)
+            if residual is not None:
+                wanted += reader.read(residual.by_name[entry.name])
+            sent = writer.apply(entry.name, wanted, 0)
+            if kept is not None:
+                kept.write(entry.name, wanted - sent)
+    if writer is None:
+        return
+    writer.close_files()
+    copy_side_files(cfg.model, out)
+    if kept is not None:
+        kept.close()
+        os.replace(uplink / ".residual.tmp", uplink / f"{UPLINK_RESIDUAL}.safetensors")
+
+
 def _write_full_update(model, cfg: TrainConfig, out: Path | None) -> None:
     """New weights in the global model's exact layout: names, shapes, dtypes and shards.
 
     Sharded, each tensor is gathered whole, written by the main worker (`out`; None on the others)
     and freed before the next, so no worker ever holds the whole model."""
+    if cfg.options.uplink != "fp32":
+        _write_encoded_update(model, cfg, out)
+        return
     ckpt = read_checkpoint(cfg.model)
     state = model.state_dict()
     before, highest = _rss_mib(), 0.0
@@ -329,6 +386,7 @@ def _train(cfg: TrainConfig, world: World, device) -> UpdateRecord | None:
             device=str(device),
             software={"xffl_cwl": __version__, "torch": torch.__version__},
             container=current_container(),
+            encoding=opts.uplink if opts.mode == "full" else "fp32",
         )
         (tmp / UPDATE_JSON).write_text(json_text(record.to_json()))
     distributed.barrier(world)

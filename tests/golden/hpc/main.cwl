@@ -7,7 +7,8 @@ label: Federation golden-hpc
 doc: |
   Federated fine-tuning across leonardo, lumi, vega.
   baseline records the initial model, then round.cwl runs once per round under cwltool:Loop,
-  carrying the global model, the server-optimizer state, the round number and the history.
+  carrying the global model, the server-optimizer state, the round number and the history, and
+  the round's change and each facility's copy of the model, which stays at that facility.
   To resume, set first_round, model, state and history (xffl-cwl run --resume does it): baseline is then skipped.
 $namespaces:
   cwltool: http://commonwl.org/cwltool#
@@ -88,7 +89,11 @@ steps:
       dataset_leonardo: dataset_leonardo
       dataset_lumi: dataset_lumi
       dataset_vega: dataset_vega
-    out: [new_model, new_state, new_history]
+      change: {valueFrom: $(null)}
+      local_leonardo: {valueFrom: $(null)}
+      local_lumi: {valueFrom: $(null)}
+      local_vega: {valueFrom: $(null)}
+    out: [new_model, new_state, new_history, new_change, new_local_leonardo, new_local_lumi, new_local_vega]
     requirements:
       cwltool:Loop:
         loopWhen: $(inputs.round <= inputs.rounds)
@@ -97,4 +102,8 @@ steps:
           state: new_state
           history: new_history
           round: {valueFrom: $(inputs.round + 1)}
+          change: new_change
+          local_leonardo: new_local_leonardo
+          local_lumi: new_local_lumi
+          local_vega: new_local_vega
         outputMethod: last

@@ -9,6 +9,8 @@ doc: |
   their updates into the next global model (aggregate) and evaluate appends the round to the history.
   A facility whose training fails still ends its step, with a status and no update: aggregate leaves
   it out of the round (pickValue: all_non_null) and it rejoins the next one.
+  Each facility keeps its copy of the global model (local_<facility>, carried by the loop, so it stays
+  where it is) and is sent only the round's change; one without a copy gets the whole model.
   To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in
   main.cwl, and its update and status to aggregate's sources (see the README).
 $namespaces:
@@ -25,6 +27,9 @@ inputs:
   state:
     type: Directory?
     label: Server-optimizer state
+  change:
+    type: Directory?
+    label: Change of the global model in the previous round
   round:
     type: int
     label: Round number
@@ -46,6 +51,15 @@ inputs:
   dataset_vega:
     type: [File, Directory]
     label: Dataset of vega
+  local_leonardo:
+    type: Directory?
+    label: leonardo's copy of the previous global model (kept there)
+  local_lumi:
+    type: Directory?
+    label: lumi's copy of the previous global model (kept there)
+  local_vega:
+    type: Directory?
+    label: vega's copy of the previous global model (kept there)
 outputs:
   new_model:
     type: Directory
@@ -56,13 +70,28 @@ outputs:
   new_history:
     type: File
     outputSource: evaluate/history
+  new_change:
+    type: Directory
+    outputSource: aggregate/change
+  new_local_leonardo:
+    type: Directory?
+    outputSource: train_leonardo/local_model
+  new_local_lumi:
+    type: Directory?
+    outputSource: train_lumi/local_model
+  new_local_vega:
+    type: Directory?
+    outputSource: train_vega/local_model
 steps:
   train_leonardo:
     label: Local training at leonardo
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_leonardo, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_leonardo
       facility: {default: leonardo}
       round: round
@@ -79,7 +108,7 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
     hints:
       cwltool:CUDARequirement:
         cudaVersionMin: '11.8'
@@ -90,7 +119,10 @@ steps:
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_lumi, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_lumi
       facility: {default: lumi}
       round: round
@@ -108,13 +140,16 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
   train_vega:
     label: Local training at vega
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_vega, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_vega
       facility: {default: vega}
       round: round
@@ -130,7 +165,7 @@ steps:
       lora_alpha: {default: 8.0}
       lora_targets: {default: 'q_proj,k_proj,v_proj'}
       lora_dropout: {default: 0.05}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
   aggregate:
     label: Merge the updates
     run: tools/aggregate.cwl
@@ -159,7 +194,7 @@ steps:
       tau: {default: 0.01}
       lora_merge: {default: fedit}
       weighting: {default: tokens}
-    out: [model, state, metrics, log]
+    out: [model, state, change, metrics, log]
   evaluate:
     label: Record the round
     run: tools/evaluate.cwl

@@ -9,6 +9,8 @@ doc: |
   their updates into the next global model (aggregate) and evaluate appends the round to the history.
   A facility whose training fails still ends its step, with a status and no update: aggregate leaves
   it out of the round (pickValue: all_non_null) and it rejoins the next one.
+  Each facility keeps its copy of the global model (local_<facility>, carried by the loop, so it stays
+  where it is) and is sent only the round's change; one without a copy gets the whole model.
   To add a facility: copy a train_<facility> block, add its dataset_<facility> input here and in
   main.cwl, and its update and status to aggregate's sources (see the README).
 $namespaces:
@@ -25,6 +27,9 @@ inputs:
   state:
     type: Directory?
     label: Server-optimizer state
+  change:
+    type: Directory?
+    label: Change of the global model in the previous round
   round:
     type: int
     label: Round number
@@ -46,6 +51,15 @@ inputs:
   dataset_meluxina:
     type: [File, Directory]
     label: Dataset of meluxina
+  local_leonardo:
+    type: Directory?
+    label: leonardo's copy of the previous global model (kept there)
+  local_lumi:
+    type: Directory?
+    label: lumi's copy of the previous global model (kept there)
+  local_meluxina:
+    type: Directory?
+    label: meluxina's copy of the previous global model (kept there)
 outputs:
   new_model:
     type: Directory
@@ -56,13 +70,28 @@ outputs:
   new_history:
     type: File
     outputSource: evaluate/history
+  new_change:
+    type: Directory
+    outputSource: aggregate/change
+  new_local_leonardo:
+    type: Directory?
+    outputSource: train_leonardo/local_model
+  new_local_lumi:
+    type: Directory?
+    outputSource: train_lumi/local_model
+  new_local_meluxina:
+    type: Directory?
+    outputSource: train_meluxina/local_model
 steps:
   train_leonardo:
     label: Local training at leonardo
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_leonardo, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_leonardo
       facility: {default: leonardo}
       round: round
@@ -75,13 +104,16 @@ steps:
       seed: {default: 0}
       precision: {default: fp32}
       weight_decay: {default: 0.01}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
   train_lumi:
     label: Local training at lumi
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_lumi, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_lumi
       facility: {default: lumi}
       round: round
@@ -95,7 +127,7 @@ steps:
       seed: {default: 0}
       precision: {default: fp32}
       weight_decay: {default: 0.01}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
     hints:
       cwltool:CUDARequirement:
         cudaVersionMin: '11.8'
@@ -106,7 +138,10 @@ steps:
     run: tools/train.cwl
     when: $(present(inputs.left_out, inputs.facility, inputs.round))
     in:
-      model: model
+      model:
+        source: [local_meluxina, model]
+        pickValue: first_non_null
+      change: change
       dataset: dataset_meluxina
       facility: {default: meluxina}
       round: round
@@ -121,7 +156,7 @@ steps:
       grad_accum: {default: 2}
       weight_decay: {default: 0.01}
       text_field: {default: body}
-    out: [update, status, metrics, log]
+    out: [update, status, local_model, metrics, log]
   aggregate:
     label: Merge the updates
     run: tools/aggregate.cwl
@@ -145,7 +180,7 @@ steps:
       strategy: {default: nesterov}
       min_updates: {default: 2}
       momentum: {default: 0.8}
-    out: [model, state, metrics, log]
+    out: [model, state, change, metrics, log]
   evaluate:
     label: Record the round
     run: tools/evaluate.cwl

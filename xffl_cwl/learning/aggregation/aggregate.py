@@ -25,8 +25,9 @@ from xffl_cwl.atomic import atomic_dir, check_output_dir
 from xffl_cwl.contract.layout import AGGREGATE_JSON, STATE_DIR
 from xffl_cwl.contract.options import AggregateOptions, tool_params, tool_values
 from xffl_cwl.contract.params import ParamError
-from xffl_cwl.contract.records import AggregateRecord, FacilitySummary, LeftOut, Rejection, json_text
+from xffl_cwl.contract.records import AggregateRecord, ChangeSummary, FacilitySummary, LeftOut, Rejection, json_text
 from xffl_cwl.errors import InputError
+from xffl_cwl.learning.aggregation.downlink import Downlink, LowRankDownlink, load_residual
 from xffl_cwl.learning.aggregation.lora import parse_config
 from xffl_cwl.learning.aggregation.plans import (
     Member,
@@ -43,6 +44,7 @@ from xffl_cwl.learning.aggregation.server_state import STATE_JSON, ServerState, 
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer, hyperparameters, make_strategy
 from xffl_cwl.learning.aggregation.streaming import NonFiniteOutput, stream
 from xffl_cwl.learning.aggregation.updates import Update, UpdateSource, left_out_of, read_status
+from xffl_cwl.learning.model_change import ChangeRecord, write_adapter_change
 from xffl_cwl.learning.model_dir import (
     ADAPTER_CONFIG,
     ADAPTER_STEM,
@@ -55,7 +57,7 @@ from xffl_cwl.learning.model_dir import (
     read_json,
 )
 from xffl_cwl.learning.provenance import current_container
-from xffl_cwl.learning.safetensors_stream import TensorReader, read_checkpoint
+from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorReader, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class AggregateConfig:
     weights: dict[str, float] = field(default_factory=dict)
     statuses: list[Path] = field(default_factory=list)  # <facility>.status.json of the round's train steps
     left_out: list[str] = field(default_factory=list)  # NAME@ROUND: REASON, from the orchestrator
+    change_out: Path | None = None  # where to write the round's change for the facilities' copies
 
 
 def _left_out(cfg: AggregateConfig, sources: list[UpdateSource]) -> tuple[list[LeftOut], list[UpdateSource]]:
@@ -117,6 +120,8 @@ def _validate(cfg: AggregateConfig) -> list[UpdateSource]:
     check_output_dir(Path(cfg.out))
     if cfg.state_out is not None:
         check_output_dir(Path(cfg.state_out), "--state-out")
+    if cfg.change_out is not None:
+        check_output_dir(Path(cfg.change_out), "--change-out")
     return [u if isinstance(u, UpdateSource) else UpdateSource.parse(u) for u in cfg.updates]
 
 
@@ -175,9 +180,23 @@ class _Written:
     norms: Norms
 
 
+def _downlink(
+    cfg: AggregateConfig, valid: list[Update], strategy: ServerOptimizer, change_dir: Path | None, fedit: bool,
+    residual: Checkpoint | None, state_dir: Path | None,
+) -> Downlink | LowRankDownlink | None:  # fmt: skip
+    """How the round's change is sent: none asked for; FedIT's adapter (written at the end); exact LoRA
+    merged by a plain weighted mean as low-rank factors; else the encoded change of every stepped tensor."""
+    if change_dir is None or fedit:
+        return None
+    if valid[0].mode == "lora" and cfg.options.merge == "mean" and strategy.info.name == "fedavg":
+        return LowRankDownlink(change_dir, strategy.server_lr)
+    return Downlink(change_dir, cfg.options.downlink, residual, state_dir)
+
+
 def _merge(
     cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], strategy: ServerOptimizer,
     old_state: ServerState, reader: TensorReader, out: Path, state_dir: Path | None,
+    downlink: Downlink | LowRankDownlink | None,
 ) -> _Written:  # fmt: skip
     opts = cfg.options
     total = sum(raw for _, raw, _ in weighted)
@@ -194,9 +213,11 @@ def _merge(
             factors = _clip_factors(members, shards, opts.norm_clip, chunk)
         for m in members:
             m.clip = factors[m.facility]
+    if isinstance(downlink, LowRankDownlink):
+        downlink.bind(members, reader)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are found and blamed
         digests, state_names, written = stream(
-            shards, out, state_dir, strategy, old_state, reader, chunk, norms, members
+            shards, out, state_dir, strategy, old_state, reader, chunk, norms, members, downlink
         )
     return _Written(digests, state_names, written, members, norms)
 
@@ -210,9 +231,10 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     opts = cfg.options
     strategy = make_strategy(opts)
     slots = strategy.info.slots
-    if cfg.state is not None and not slots:
+    if cfg.state is not None and not slots and opts.downlink == "fp32":
         raise InputError(f"--state was given but strategy {strategy.info.name} keeps no state; drop --state")
     old_state = load_state(cfg.state, strategy.info)
+    residual = load_residual(cfg.state)
     global_dir = Path(cfg.global_dir)
     adapter = has_adapter(global_dir)
     hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
@@ -240,19 +262,27 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
                 _drop_stale(glob, valid, rejected)  # so that the error names every reason
                 raise _quorum_error(len(valid), expected, opts.min_updates, left, rejected)
             try:
+                fedit = valid[0].mode == "lora" and opts.lora_merge == "fedit"
+                # error feedback keeps what a lossy downlink did not send: state, even for fedavg
+                keeps_state = bool(slots) or (cfg.change_out is not None and not fedit and opts.downlink != "fp32")
                 with contextlib.ExitStack() as outputs:
                     out = outputs.enter_context(atomic_dir(Path(cfg.out)))
                     state_dir = None
-                    if slots and cfg.state_out is not None:
+                    if keeps_state and cfg.state_out is not None:
                         state_dir = outputs.enter_context(atomic_dir(Path(cfg.state_out), "--state-out"))
-                    elif slots:
+                    elif keeps_state:
                         state_dir = out / STATE_DIR
                         state_dir.mkdir()
-                    done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir)
+                    change_dir = None
+                    if cfg.change_out is not None:
+                        change_dir = outputs.enter_context(atomic_dir(Path(cfg.change_out), "--change-out"))
+                    downlink = _downlink(cfg, valid, strategy, change_dir, fedit, residual, state_dir)
+                    done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir, downlink)
                     _reject_stale(glob, valid, rejected)
                     record = _finish(
-                        cfg, glob, weighted, done, rejected, left, strategy, old_state, out, state_dir, reader, started
-                    )
+                        cfg, glob, weighted, done, rejected, left, strategy, old_state, out, state_dir, reader, started,
+                        change_dir, downlink,
+                    )  # fmt: skip
                 break
             except _StaleBases as exc:
                 valid = [u for u in valid if u not in exc.updates]
@@ -306,7 +336,8 @@ def _finish(
     cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], done: _Written,
     rejected: list[Rejection], left: list[LeftOut], strategy: ServerOptimizer, old_state: ServerState, out: Path,
     state_dir: Path | None,
-    reader: TensorReader, started: float,
+    reader: TensorReader, started: float, change_dir: Path | None = None,
+    downlink: Downlink | LowRankDownlink | None = None,
 ) -> AggregateRecord:  # fmt: skip
     """Everything beside the weights: index, side files, the FedIT adapter config, the state record, aggregate.json."""
     opts = cfg.options
@@ -318,6 +349,17 @@ def _finish(
     if first.mode == "lora" and opts.lora_merge == "fedit":
         config = glob.adapter_config or first.adapter
         (out / ADAPTER_SUBDIR / ADAPTER_CONFIG).write_text(json_text(config.to_peft()))
+    new_fingerprint = combine_digests(done.digests)
+    change = None
+    if change_dir is not None:
+        kind = downlink.kind if downlink is not None else "adapter"
+        encoding = downlink.sent_encoding if downlink is not None else "fp32"
+        described = ChangeRecord(kind, encoding, cfg.round, glob.fingerprint, new_fingerprint)
+        if downlink is not None:
+            downlink.close(described)
+        else:
+            write_adapter_change(change_dir, out, described)
+        change = ChangeSummary(kind, encoding, sum(p.stat().st_size for p in change_dir.rglob("*") if p.is_file()))
     if state_dir is not None:
         state = state_record(strategy.info.name, old_state.step + 1, hyperparameters(strategy), slots, done.state_names)
         (state_dir / STATE_JSON).write_text(json_text(state))
@@ -347,13 +389,14 @@ def _finish(
         tokens=sum(u.tokens for u, _, _ in weighted),
         update_norm=done.norms.update**0.5,
         base_fingerprint=glob.fingerprint,
-        fingerprint=combine_digests(done.digests),
+        fingerprint=new_fingerprint,
         state_step=old_state.step + 1 if slots else None,
         bytes_read=reader.bytes_read,
         bytes_written=done.bytes_written,
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         container=current_container(),
+        change=change,
     )
     (out / AGGREGATE_JSON).write_text(json_text(record.to_json()))
     return record

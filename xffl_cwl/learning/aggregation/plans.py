@@ -17,6 +17,7 @@ from xffl_cwl.learning.aggregation.lora import NotFinite, change_norm_sq
 from xffl_cwl.learning.aggregation.robust import Rule
 from xffl_cwl.learning.aggregation.screening import GlobalModel
 from xffl_cwl.learning.aggregation.updates import Update
+from xffl_cwl.learning.deltas import decode, scale_range
 from xffl_cwl.learning.model_dir import ADAPTER_STEM, ADAPTER_SUBDIR
 from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorEntry, TensorReader, TensorSpec, row_chunks, to_f32
 
@@ -99,6 +100,21 @@ class ValueTarget:
         entry = member.update.checkpoint.by_name[self.name]
         return to_f32(self.reader.read(entry, start, count, self.scratch.get(count) if reuse else None), entry.dtype)
 
+    def _change(self, member: Member, start: int, count: int, current: np.ndarray, reuse: bool = False) -> np.ndarray:
+        """The member's change to these elements, float32: its values minus the current ones, or the
+        change it sent encoded (bf16, int8: learning/deltas.py). With `reuse`, in the scratch buffer."""
+        encoding = member.update.encoding
+        if encoding == "fp32":
+            values = self._read(member, start, count, reuse=reuse)
+            return np.subtract(values, current, out=values if reuse else None)
+        update = member.update
+        stored = self.reader.read(update.checkpoint.by_name[self.name], start, count)
+        scales = None
+        if update.scales is not None:
+            first, blocks = scale_range(start, count)
+            scales = self.reader.read(update.scales.by_name[self.name], first, blocks)
+        return decode(stored, scales, encoding, start)
+
     def _mean_of_changes(
         self, start: int, count: int, current: np.ndarray, members: list[Member], counted: bool
     ) -> np.ndarray:
@@ -106,7 +122,7 @@ class ValueTarget:
         their change checked finite through its norm, which the record needs anyway."""
         acc = np.zeros(count, dtype=np.float32)
         for m in members:
-            delta = np.subtract(self._read(m, start, count, reuse=True), current, out=self.scratch.get(count))
+            delta = self._change(m, start, count, current, reuse=True)
             distance = sq_norm(delta)
             if not math.isfinite(distance):
                 raise self._fault(m)
@@ -123,12 +139,12 @@ class ValueTarget:
     def _checked(self, member: Member, start: int, count: int, current: np.ndarray | None, counted: bool) -> np.ndarray:
         """The member's values for these elements, checked finite (through their distance from the current
         ones, which the update norm needs anyway), and clipped when the member's change is."""
-        values = self._read(member, start, count)
         if current is None:
+            values = self._read(member, start, count)
             if not all_finite(values):
                 raise self._fault(member)
             return values
-        delta = values - current
+        delta = self._change(member, start, count, current)
         distance = sq_norm(delta)
         if not math.isfinite(distance):
             raise self._fault(member)
@@ -136,9 +152,8 @@ class ValueTarget:
             self.norms.add(member.facility, distance)
         if member.clip < 1.0:
             delta *= member.clip
-            delta += current
-            return delta
-        return values
+        delta += current
+        return delta
 
     def mean(
         self, start: int, count: int, current: np.ndarray | None, members: list[Member] | None = None
@@ -161,19 +176,21 @@ class ValueTarget:
 
     def change(self, member: Member, start: int, count: int, current: np.ndarray | None) -> np.ndarray:
         """What this member alone would move these elements by (its values, where nothing is there yet)."""
-        values = self._read(member, start, count)
+        values = self._read(member, start, count) if current is None else self._change(member, start, count, current)
         if not all_finite(values):
             raise self._fault(member)
-        return values if current is None else values - current
+        return values
 
     def delta_sq(self, member: Member, current_entry: TensorEntry | None, chunk_elems: int) -> float:
         """The member's squared distance from the current values over the whole tensor."""
         entry = member.update.checkpoint.by_name[self.name]
         total = 0.0
         for start, count in row_chunks(entry.shape, chunk_elems):
-            values = self._read(member, start, count)
-            if current_entry is not None:
-                values -= to_f32(self.reader.read(current_entry, start, count), current_entry.dtype)
+            if current_entry is None:
+                values = self._read(member, start, count)
+            else:
+                current = to_f32(self.reader.read(current_entry, start, count), current_entry.dtype)
+                values = self._change(member, start, count, current)
             distance = sq_norm(values)
             if not math.isfinite(distance):
                 raise self._fault(member)

@@ -22,6 +22,7 @@ from xffl_cwl.learning.aggregation.updates import (
     UpdateSource,
     check_adapter_change,
     check_adapter_fits,
+    check_encoded_layout,
     check_same_layout,
     load_update,
 )
@@ -108,6 +109,9 @@ def _check(
     if update.mode == "full":
         if glob.adapter is not None:
             raise update.reject("the global model carries a LoRA adapter, so updates must be LoRA adapters")
+        if update.encoding != "fp32":
+            check_encoded_layout(update, glob.checkpoint)
+            return
         if update.checkpoint.relpaths != glob.checkpoint.relpaths:
             raise update.reject(
                 f"its weights are in {', '.join(update.checkpoint.relpaths)[:200]}, the global model's in {', '.join(glob.checkpoint.relpaths)[:200]}"

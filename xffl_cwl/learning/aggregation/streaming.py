@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xffl_cwl.learning.aggregation.downlink import Downlink
 from xffl_cwl.learning.aggregation.plans import (
     Member,
     Norms,
@@ -25,6 +26,7 @@ from xffl_cwl.learning.aggregation.plans import (
 )
 from xffl_cwl.learning.aggregation.server_state import ServerState
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer
+from xffl_cwl.learning.deltas import aligned_chunks
 from xffl_cwl.learning.safetensors_stream import ShardWriter, TensorReader, TensorSpec, from_f32, row_chunks, to_f32
 
 
@@ -50,9 +52,15 @@ def stream(
     chunk_elems: int,
     norms: Norms,
     members: list[Member],
+    downlink: Downlink | None = None,
 ) -> tuple[dict[str, str], list[str], int]:
-    """Write every output tensor and the new optimizer state; returns digests, state tensor names, bytes written."""
+    """Write every output tensor and the new optimizer state; returns digests, state tensor names, bytes written.
+
+    With `downlink`, every stepped chunk's change is also encoded for the facilities, and the new
+    value is the current one plus the change they will decode, so their copies equal this model."""
     stepped = [p for s in shards for p in s.plans if p.target is not None]
+    if downlink is not None:
+        downlink.open([p.spec for p in stepped])
     names = [p.spec.name for p in stepped]
     stepped_names = set(names)
     carried = [n for n in old_state.names() if n not in stepped_names]
@@ -68,7 +76,8 @@ def stream(
         (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out / shard.relpath, [p.spec for p in shard.plans], shard.metadata)
         for plan in shard.plans:
-            for start, count in row_chunks(plan.spec.shape, chunk_elems):
+            chunks = aligned_chunks if downlink is not None and plan.target is not None else row_chunks
+            for start, count in chunks(plan.spec.shape, chunk_elems):
                 stored = reader.read(plan.current, start, count) if plan.current is not None else None
                 if plan.target is None:
                     writer.write(plan.spec.name, stored)
@@ -81,11 +90,16 @@ def stream(
                     _blame(plan, start, count, current, strategy, old_state, reader, members)
                 if current is not None:
                     norms.update += sq_norm(new - current)
-                writer.write(plan.spec.name, from_f32(new, plan.spec.dtype))
+                stored = from_f32(new, plan.spec.dtype)
+                if downlink is not None and current is not None:
+                    stored = downlink.send(plan.spec, start, current, new, reader)
+                writer.write(plan.spec.name, stored)
                 for slot, slot_writer in slot_writers.items():
                     slot_writer.write(plan.spec.name, state[slot])
         digests[shard.relpath] = writer.close()
         written += writer.bytes_written
+    if downlink is not None:
+        written += downlink.close_residual()
     for slot, slot_writer in slot_writers.items():
         for name in carried:
             entry = old_state.slots[slot].by_name[name]

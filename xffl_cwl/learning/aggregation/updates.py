@@ -25,7 +25,9 @@ from xffl_cwl.learning.aggregation.lora import (
     change_norm_sq,
     parse_config,
 )
+from xffl_cwl.learning.deltas import STORED_CODE, block_count
 from xffl_cwl.learning.file_access import MalformedJSON, UnsafeFile, loads_strict, read_regular
+from xffl_cwl.learning.model_change import DELTA_STEM, SCALES_STEM
 from xffl_cwl.learning.model_dir import ADAPTER_CONFIG, ADAPTER_STEM, MODEL_STEM
 from xffl_cwl.learning.safetensors_stream import Checkpoint, TensorReader, read_checkpoint
 
@@ -90,6 +92,11 @@ class Update:
     checkpoint: Checkpoint
     adapter: AdapterConfig | None = None
     modules: dict[str, LoraModule] = field(default_factory=dict)
+    scales: Checkpoint | None = None  # an int8-encoded update's block scales
+
+    @property
+    def encoding(self) -> str:
+        return self.record.encoding
 
     @property
     def facility(self) -> str:
@@ -141,6 +148,12 @@ def load_update(source: UpdateSource, global_dir: Path, limits: Limits) -> Updat
             f"update.json says it comes from {record.facility!r}, the workflow delivered it as {source.name!r}",
         )
     try:
+        if record.mode == "full" and record.encoding != "fp32":  # the change of the weights, encoded
+            ckpt = read_checkpoint(path, DELTA_STEM, untrusted=True, max_header=limits.max_header)
+            update = Update(path, record, ckpt)
+            if record.encoding == "int8":
+                update.scales = read_checkpoint(path, SCALES_STEM, untrusted=True, max_header=limits.max_header)
+            return update
         ckpt = read_checkpoint(
             path, MODEL_STEM if record.mode == "full" else ADAPTER_STEM, untrusted=True, max_header=limits.max_header
         )
@@ -168,6 +181,29 @@ def check_same_layout(update: Update, reference: Checkpoint, what: str) -> None:
     extra = sorted(set(update.checkpoint.by_name) - set(reference.by_name))
     if extra:
         raise update.reject(f"tensor {extra[0][:120]!r} is not in the {what}")
+
+
+def check_encoded_layout(update: Update, glob: Checkpoint) -> None:
+    """An encoded full update: exactly the global model's float tensors, in the encoding's dtype, and
+    for int8 one F32 scale per block of each."""
+    floats = {e.name: e for e in glob.entries() if e.is_float}
+    stored = STORED_CODE[update.encoding]
+    for name, entry in floats.items():
+        mine = update.checkpoint.by_name.get(name)
+        if mine is None:
+            raise update.reject(f"tensor {name!r} of the global model is missing from its encoded change")
+        if mine.shape != entry.shape or mine.dtype != stored:
+            raise update.reject(
+                f"tensor {name!r} is {mine.dtype} {list(mine.shape)}, its {update.encoding} change must be {stored} {list(entry.shape)}"
+            )
+        if update.scales is not None:
+            scale = update.scales.by_name.get(name)
+            if scale is None or scale.dtype != "F32" or scale.shape != (block_count(entry.numel),):
+                raise update.reject(f"tensor {name!r} needs {block_count(entry.numel)} F32 block scales")
+    extra = sorted(set(update.checkpoint.by_name) - set(floats))
+    extra += sorted(set(update.scales.by_name) - set(floats)) if update.scales is not None else []
+    if extra:
+        raise update.reject(f"tensor {extra[0][:120]!r} is not a float tensor of the global model")
 
 
 def check_adapter_fits(update: Update, base: Checkpoint) -> None:
