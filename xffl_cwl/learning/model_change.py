@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from xffl_cwl.learning.model_dir import (
 )
 from xffl_cwl.learning.safetensors_stream import (
     ShardWriter,
+    TensorEntry,
     TensorReader,
     TensorSpec,
     from_f32,
@@ -183,10 +185,35 @@ def _copy_model(src: Path, dst: Path, with_adapter: bool = True) -> None:
     copy_side_files(src, dst)
 
 
+Step = Callable[[TensorEntry, int, int, TensorReader], "np.ndarray | None"]
+
+
+def _rewrite(local: Path, out: Path, chunk_elems: int, step_of: Step) -> None:
+    """The local model with every chunk that `step_of` changes moved by it (in float32, stored back in its
+    dtype), every other chunk copied; layout, index and side files as they are."""
+    ckpt = read_checkpoint(local, MODEL_STEM)
+    with TensorReader() as reader:
+        for shard in ckpt.shards:
+            (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
+            writer = ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata, hashed=False)
+            for entry in shard.entries:
+                for start, count in row_chunks(entry.shape, chunk_elems):
+                    stored = reader.read(entry, start, count)
+                    step = step_of(entry, start, count, reader)
+                    writer.write(
+                        entry.name,
+                        stored if step is None else from_f32(to_f32(stored, entry.dtype) + step, entry.dtype),
+                    )
+            writer.close()
+    for path in Path(local).glob("*.index.json"):
+        shutil.copy2(path, out / path.name)
+    copy_side_files(local, out)
+
+
 def _apply_low_rank(local: Path, change: Path, out: Path, chunk_elems: int) -> None:
     ckpt = read_checkpoint(local, MODEL_STEM)
     factors = read_checkpoint(change, FACTORS_STEM)
-    changed = {}
+    changed: dict[str, tuple[TensorEntry, TensorEntry]] = {}
     for entry in ckpt.entries():
         b_name, a_name = factor_names(entry.name)
         if b_name not in factors.by_name:
@@ -202,30 +229,26 @@ def _apply_low_rank(local: Path, change: Path, out: Path, chunk_elems: int) -> N
         changed[entry.name] = (b, a)
     if 2 * len(changed) != len(factors.by_name):
         raise InputError(f"{change}: factors for tensors the local model does not have")
-    with TensorReader() as reader:
-        for shard in ckpt.shards:
-            (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
-            writer = ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata, hashed=False)
-            for entry in shard.entries:
-                pair = changed.get(entry.name)
-                a = None if pair is None else reader.read(pair[1]).reshape(pair[1].shape)
-                cols = entry.shape[1] if len(entry.shape) == 2 else 1
-                for start, count in row_chunks(entry.shape, chunk_elems):
-                    stored = reader.read(entry, start, count)
-                    if pair is None:
-                        writer.write(entry.name, stored)
-                        continue
-                    rank = pair[0].shape[1]
-                    b = reader.read(pair[0], start // cols * rank, count // cols * rank).reshape(-1, rank)
-                    step = low_rank_rows(b, a).reshape(-1)
-                    writer.write(entry.name, from_f32(to_f32(stored, entry.dtype) + step, entry.dtype))
-            writer.close()
-    for path in Path(local).glob("*.index.json"):
-        shutil.copy2(path, out / path.name)
-    copy_side_files(local, out)
+    held: dict[str, np.ndarray] = {}  # the A of the tensor being rewritten (R x in: small)
+
+    def step_of(entry: TensorEntry, start: int, count: int, reader: TensorReader) -> np.ndarray | None:
+        pair = changed.get(entry.name)
+        if pair is None:
+            return None
+        b_entry, a_entry = pair
+        if entry.name not in held:
+            held.clear()
+            held[entry.name] = reader.read(a_entry).reshape(a_entry.shape)
+        cols, rank = entry.shape[1], b_entry.shape[1]
+        b = reader.read(b_entry, start // cols * rank, count // cols * rank).reshape(-1, rank)
+        return low_rank_rows(b, held[entry.name]).reshape(-1)
+
+    _rewrite(local, out, chunk_elems, step_of)
 
 
 def _apply_delta(local: Path, change: Path, out: Path, encoding: str, chunk_elems: int) -> None:
+    if has_adapter(local):
+        raise InputError(f"{local} carries an adapter, but the change {change} is a delta of the whole model")
     ckpt = read_checkpoint(local, MODEL_STEM)
     delta = read_checkpoint(change, DELTA_STEM)
     scales = read_checkpoint(change, SCALES_STEM) if encoding == "int8" else None
@@ -235,29 +258,18 @@ def _apply_delta(local: Path, change: Path, out: Path, encoding: str, chunk_elem
             raise InputError(f"{change}: tensor {name!r} does not match the local model (name, shape or dtype)")
         if scales is not None and (name not in scales.by_name or scales.by_name[name].numel != block_count(base.numel)):
             raise InputError(f"{change}: tensor {name!r} has no block scales of the right size")
-    with TensorReader() as reader:
-        for shard in ckpt.shards:
-            (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
-            writer = ShardWriter(out / shard.relpath, specs_of(shard.entries), shard.metadata, hashed=False)
-            for entry in shard.entries:
-                changed = delta.by_name.get(entry.name)
-                for start, count in row_chunks(entry.shape, chunk_elems):
-                    stored = reader.read(entry, start, count)
-                    if changed is None:
-                        writer.write(entry.name, stored)
-                        continue
-                    chunk_scales = None
-                    if scales is not None:
-                        first, blocks = scale_range(start, count)
-                        chunk_scales = reader.read(scales.by_name[entry.name], first, blocks)
-                    step = decode(reader.read(changed, start, count), chunk_scales, encoding, start)
-                    writer.write(entry.name, from_f32(to_f32(stored, entry.dtype) + step, entry.dtype))
-            writer.close()
-    for path in Path(local).glob("*.index.json"):
-        shutil.copy2(path, out / path.name)
-    copy_side_files(local, out)
-    if has_adapter(local):
-        raise InputError(f"{local} carries an adapter, but the change {change} is a delta of the whole model")
+
+    def step_of(entry: TensorEntry, start: int, count: int, reader: TensorReader) -> np.ndarray | None:
+        changed = delta.by_name.get(entry.name)
+        if changed is None:
+            return None
+        chunk_scales = None
+        if scales is not None:
+            first, blocks = scale_range(start, count)
+            chunk_scales = reader.read(scales.by_name[entry.name], first, blocks)
+        return decode(reader.read(changed, start, count), chunk_scales, encoding, start)
+
+    _rewrite(local, out, chunk_elems, step_of)
 
 
 UPLINK_DIR = "uplink"  # in a facility's copy: what its encoded updates have not sent yet (error feedback)
