@@ -14,6 +14,10 @@ each still exists with the meaning used here):
 - `SSHConnector._cls_context`: the SSHContext class its connections come from;
 - `SSHContext._get_connection(config)`: overridden to add the facility's known_hosts file, which
   StreamFlow cannot be given, to StreamFlow's own connection options (see facility/ssh.py).
+
+Copies of at least `fast_copy_min_bytes` to, from and between facilities keep StreamFlow's tar streams
+and remote tar commands but are carried by the system OpenSSH client (staging.py says why and how);
+smaller ones, and every copy where OpenSSH cannot log in as StreamFlow does, take StreamFlow's path.
 """
 
 from __future__ import annotations
@@ -23,19 +27,21 @@ import base64
 import json
 import logging
 import os
+import posixpath
 import re
 import shlex
 import time
-from collections.abc import MutableMapping, MutableSequence
+from collections.abc import Awaitable, Iterable, MutableMapping, MutableSequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar
 
 import asyncssh
 from streamflow.core import utils
-from streamflow.core.deployment import ExecutionLocation
+from streamflow.core.deployment import Connector, ExecutionLocation
 from streamflow.core.exception import WorkflowDefinitionException, WorkflowExecutionException
 from streamflow.core.scheduling import AvailableLocation
+from streamflow.deployment.connector.base import copy_same_connector
 from streamflow.deployment.connector.ssh import SSHConnector, SSHContext
 from streamflow.log_handler import logger
 
@@ -44,9 +50,22 @@ from xffl_cwl.contract.layout import DEADLINE_ENV, STATE_DIR_NAME, STATUS_FILE_E
 from xffl_cwl.facility.ssh import Login, connect_options, explain
 from xffl_cwl.facility.templates import TemplateError, effective_runtime, job_variables, load_template
 
+from .staging import (
+    FAST_COPY_MIN_BYTES,
+    StagingError,
+    local_size,
+    local_tar_reader,
+    local_tar_writer,
+    openssh_command,
+    remote_tar_reader,
+    remote_tar_writer,
+    run_pipeline,
+)
+
 STDOUT = asyncio.subprocess.STDOUT
 ACTIVE_STATES = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQUEUED,SIGNALING,STAGE_OUT"
 CANCEL_SETTLE_SECONDS = 10
+STALL_SECONDS = 120.0  # a copy in which nothing moves this long is killed (staging.run_pipeline)
 FAILED_STATES = ("TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
@@ -104,6 +123,18 @@ def _slurm_job_name(job_name: str, round_number: int = 0) -> str:
     return f"{name}-round{round_number}" if round_number else name
 
 
+async def _all(copies: Iterable[Awaitable[None]]) -> None:
+    """Run copies together; when one fails or the caller is cancelled, the others are cancelled too."""
+    tasks = [asyncio.ensure_future(c) for c in copies]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class XfflFacilityConnector(SSHConnector):
     def __init__(self, deployment_name: str, config_dir: str, **config: Any) -> None:
         def fail(problem: str) -> WorkflowDefinitionException:
@@ -156,6 +187,10 @@ class XfflFacilityConnector(SSHConnector):
         self._poll_lock = asyncio.Lock()
         self._polled_at = float("-inf")
         self._active: set[str] = set()
+        self.fast_copy_min_bytes = FAST_COPY_MIN_BYTES
+        self.stall_seconds = STALL_SECONDS
+        self._ssh: list[str] | bool | None = False  # not looked at yet
+        self._gnu_tar: bool | None = None
 
     @classmethod
     def get_schema(cls) -> str:
@@ -447,6 +482,143 @@ class XfflFacilityConnector(SSHConnector):
             self._journal("cancelled", job_ids=list(job_ids))
             if logger.isEnabledFor(logging.INFO):
                 logger.info(f"Cancelled SLURM jobs {', '.join(job_ids)} on {self.deployment_name}")
+
+    def openssh(self) -> list[str] | None:
+        """The `ssh` command line of this facility's login, or None where copies keep StreamFlow's path."""
+        if self._ssh is False:
+            self._ssh = openssh_command(self.login)
+            if self._ssh is None:
+                logger.info(f"deployment {self.deployment_name}: copies go through StreamFlow's SSH channel")
+        return self._ssh or None
+
+    async def gnu_tar(self, location: ExecutionLocation) -> bool:
+        """The login node's tar is GNU tar (then copies use 1 MiB tar records); asked once."""
+        if self._gnu_tar is None:
+            output, status = await self._shell(location, ["tar --version 2>/dev/null | head -n 1"])
+            self._gnu_tar = status == 0 and "GNU tar" in output
+        return self._gnu_tar
+
+    def _where(self) -> str:
+        return f"deployment {self.deployment_name} ({self.login.username}@{self.login.host}:{self.login.port})"
+
+    async def _staged(self, commands: list[tuple[str, list[str]]], what: str) -> None:
+        """One copy pipeline; tried again with back-off while the login node cannot be reached."""
+        delay = max(1.0, float(self.facility.retry_delay))
+        started = time.monotonic()
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(f"{self._where()}: copy {what} through OpenSSH: {' | '.join(c[0] for c in commands)}")
+        while True:
+            try:
+                await run_pipeline(commands, self.stall_seconds)
+                return
+            except (StagingError, OSError) as exc:
+                waited = time.monotonic() - started
+                if not getattr(exc, "transient", False) or waited + delay > self.facility.unreachable_timeout:
+                    raise WorkflowExecutionException(f"{self._where()}: cannot copy {what}: {exc}") from exc
+                logger.warning(f"{self._where()}: copy {what} failed ({exc}); trying again in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _remote_kind(self, location: ExecutionLocation, path: str) -> tuple[bool, int]:
+        """(is a directory, bytes) of a path on the facility, symlinks followed as `tar chf` does."""
+        quoted = shlex.quote(path)
+        output, status = await self._shell(
+            location, [f"{{ du -skL -- {quoted} && if [ -d {quoted} ]; then echo dir; else echo file; fi; }}"]
+        )
+        lines = output.strip().splitlines()
+        if status != 0 or len(lines) < 2 or not lines[-2].split()[0].isdigit():
+            raise WorkflowExecutionException(f"{self._where()}: cannot read {path}: {output.strip()[-300:]}")
+        return lines[-1] == "dir", int(lines[-2].split()[0]) * 1024
+
+    async def copy_local_to_remote(
+        self, src: str, dst: str, locations: MutableSequence[ExecutionLocation], read_only: bool = False
+    ) -> None:
+        """StreamFlow's copy (the destination it chooses, its tar stream and `tar xpf - -C /`) over OpenSSH."""
+        ssh = self.openssh()
+        if ssh is None or local_size(src, self.fast_copy_min_bytes) < self.fast_copy_min_bytes:
+            await super().copy_local_to_remote(src, dst, locations, read_only)
+            return
+        dst = await utils.get_local_to_remote_destination(self, locations[0], src, dst)
+        large = await self.gnu_tar(locations[0])
+
+        async def one(location: ExecutionLocation) -> None:
+            where = f"from {src} on local file-system to {dst} on location {location}"
+            logger.info(f"COPYING {where}")
+            commands = [("tar", local_tar_reader(src, dst, large)), ("ssh", [*ssh, remote_tar_writer(large)])]
+            await self._staged(commands, f"{src} to {dst}")
+            logger.info(f"COMPLETED copy {where}")
+
+        await _all(one(location) for location in locations)
+
+    async def copy_remote_to_local(
+        self, src: str, dst: str, location: ExecutionLocation, read_only: bool = False
+    ) -> None:
+        """StreamFlow's copy back (`tar chf` on the facility, extracted where its tar path puts it) over OpenSSH.
+
+        A file lands in `dst`, or in `dst/<name>` when `dst` is a directory; a directory's content lands
+        in `dst`, merged with what is there (StreamFlow's extraction; it also leaves an empty `dst/<name>`
+        when `dst` already is a directory, which this copy does not)."""
+        ssh = self.openssh()
+        if ssh is None:
+            await super().copy_remote_to_local(src, dst, location, read_only)
+            return
+        src = posixpath.normpath(src)
+        is_dir, size = await self._remote_kind(location, src)
+        if size < self.fast_copy_min_bytes:
+            await super().copy_remote_to_local(src, dst, location, read_only)
+            return
+        name = posixpath.basename(src)
+        target = os.path.join(dst, name) if not is_dir and os.path.isdir(dst) else dst
+        large = await self.gnu_tar(location)
+        where = f"from {src} on location {location} to {dst} on local file-system"
+        logger.info(f"COPYING {where}")
+        commands = [("ssh", [*ssh, remote_tar_reader(src, large)]), ("tar", local_tar_writer(name, target, large))]
+        await self._staged(commands, f"{src} to {dst}")
+        logger.info(f"COMPLETED copy {where}")
+
+    async def copy_remote_to_remote(
+        self,
+        src: str,
+        dst: str,
+        locations: MutableSequence[ExecutionLocation],
+        source_location: ExecutionLocation,
+        source_connector: Connector | None = None,
+        read_only: bool = False,
+    ) -> None:
+        """Between two facilities: StreamFlow's reader and writer commands, the bytes relayed by two `ssh`
+        processes here instead of through Python; one pipeline per destination location, in parallel."""
+        source = source_connector or self
+        ssh = self.openssh()
+        source_ssh = source.openssh() if isinstance(source, XfflFacilityConnector) else None
+        if ssh is None or source_ssh is None:
+            await super().copy_remote_to_remote(src, dst, locations, source_location, source_connector, read_only)
+            return
+        locations = await copy_same_connector(self, locations, source_location, src, dst, read_only)
+        if not locations:
+            return
+        src = posixpath.normpath(src)
+        _, size = await source._remote_kind(source_location, src)
+        if size < self.fast_copy_min_bytes:
+            await super().copy_remote_to_remote(src, dst, locations, source_location, source_connector, read_only)
+            return
+        writer = await utils.get_remote_to_remote_write_command(
+            src_connector=source,
+            src_location=source_location,
+            src=src,
+            dst_connector=self,
+            dst_locations=locations,
+            dst=dst,
+        )
+        reader = remote_tar_reader(src, await source.gnu_tar(source_location))
+
+        async def one(location: ExecutionLocation) -> None:
+            where = f"from {src} on location {source_location} to {dst} on location {location}"
+            logger.info(f"COPYING {where}")
+            commands = [(f"ssh {source.deployment_name}", [*source_ssh, reader]), ("ssh", [*ssh, " ".join(writer)])]
+            await self._staged(commands, f"{src} on {source.deployment_name} to {dst}")
+            logger.info(f"COMPLETED copy {where}")
+
+        await _all(one(location) for location in locations)
 
     async def undeploy(self, external: bool) -> None:
         """Cancel what is still queued or running, then close the connections."""
