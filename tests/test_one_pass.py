@@ -117,3 +117,22 @@ def test_only_stale_updates_fail_the_quorum_naming_the_reason(round_one):
     with pytest.raises(InputError, match="different global model"):
         run_aggregate(glob, stale, tmp_path / "none", chunk_elems=48)
     assert not (tmp_path / "none").exists()
+
+
+def test_on_a_busy_machine_hashing_runs_in_line_with_the_same_result(round_one, monkeypatch):
+    """With no idle CPU (learning/cpus.py), the fingerprint and the output's digest are computed on the
+    main thread: same model, same fingerprint, same rejections."""
+    import importlib
+
+    aggregate_module = importlib.import_module("xffl_cwl.learning.aggregation.aggregate")
+
+    tmp_path, glob, updates, _ = round_one
+    threaded = run_aggregate(glob, updates, tmp_path / "threaded", chunk_elems=48)
+    monkeypatch.setattr(aggregate_module, "spare_cpus", lambda: 1)
+    stale = write_update(tmp_path / "stale", "facstale", _tensors(13, 0.01, _tensors(0)), "sha256:" + "0" * 64)
+    inline = run_aggregate(glob, [*updates, stale], tmp_path / "inline", chunk_elems=48)
+    assert inline["fingerprint"] == threaded["fingerprint"] == fingerprint(tmp_path / "inline")
+    assert [r["facility"] for r in inline["rejected"]] == ["facstale"]
+    assert (tmp_path / "inline" / "model.safetensors").read_bytes() == (
+        tmp_path / "threaded" / "model.safetensors"
+    ).read_bytes()

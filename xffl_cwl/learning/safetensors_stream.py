@@ -428,11 +428,16 @@ class _BackgroundHash:
 class ShardWriter:
     """Writes one safetensors file whose header is fixed up front; data must come in spec order.
 
-    Its sha256 is computed on a background thread from the chunks themselves: a chunk must not be
-    changed after it was written."""
+    Its sha256 is computed from the chunks themselves, on a background thread unless `background` is
+    False: a chunk must not be changed after it was written."""
 
     def __init__(
-        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None, hashed: bool = True
+        self,
+        path: Path,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        hashed: bool = True,
+        background: bool = True,
     ) -> None:
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
@@ -449,7 +454,8 @@ class ShardWriter:
         self._specs = list(specs)
         self._pos = 0  # index of the tensor being written
         self._written_in_tensor = 0
-        self._hash = _BackgroundHash() if hashed else None  # nothing names the optimizer state by its hash
+        # nothing names the optimizer state by its hash; on a busy machine a hashing thread only competes
+        self._hash = (_BackgroundHash() if background else hashlib.sha256()) if hashed else None
         self._fh = open(path, "wb")  # noqa: SIM115 - closed by close(), which finishes the file
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.bytes_written = 8 + len(blob)

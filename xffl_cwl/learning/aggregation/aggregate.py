@@ -15,7 +15,7 @@ import resource
 import shutil
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from xffl_cwl.learning.aggregation.server_state import STATE_JSON, ServerState, 
 from xffl_cwl.learning.aggregation.strategies import ServerOptimizer, hyperparameters, make_strategy
 from xffl_cwl.learning.aggregation.streaming import NonFiniteOutput, stream
 from xffl_cwl.learning.aggregation.updates import Update, UpdateSource, left_out_of, read_status
+from xffl_cwl.learning.cpus import spare_cpus
 from xffl_cwl.learning.model_change import ChangeRecord, write_adapter_change
 from xffl_cwl.learning.model_dir import (
     ADAPTER_CONFIG,
@@ -196,7 +197,7 @@ def _downlink(
 def _merge(
     cfg: AggregateConfig, glob: GlobalModel, weighted: list[tuple[Update, float, bool]], strategy: ServerOptimizer,
     old_state: ServerState, reader: TensorReader, out: Path, state_dir: Path | None,
-    downlink: Downlink | LowRankDownlink | None,
+    downlink: Downlink | LowRankDownlink | None, background_hash: bool = True,
 ) -> _Written:  # fmt: skip
     opts = cfg.options
     total = sum(raw for _, raw, _ in weighted)
@@ -217,7 +218,7 @@ def _merge(
         downlink.bind(members, reader)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are found and blamed
         digests, state_names, written = stream(
-            shards, out, state_dir, strategy, old_state, reader, chunk, norms, members, downlink
+            shards, out, state_dir, strategy, old_state, reader, chunk, norms, members, downlink, background_hash
         )
     return _Written(digests, state_names, written, members, norms)
 
@@ -237,11 +238,17 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
     residual = load_residual(cfg.state)
     global_dir = Path(cfg.global_dir)
     adapter = has_adapter(global_dir)
+    # Hashing (the global model's fingerprint, the output's digest) runs beside the merge only when a
+    # CPU is idle for it; on a busy machine it runs in line (see learning/cpus.py).
+    threads = spare_cpus() >= 2
     hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    pending: Future[str] = hashing.submit(fingerprint, global_dir) if threads else Future()
+    if not threads:
+        pending.set_result(fingerprint(global_dir))
     glob = GlobalModel(
         path=global_dir,
         checkpoint=read_checkpoint(global_dir, MODEL_STEM),
-        pending_fingerprint=hashing.submit(fingerprint, global_dir),
+        pending_fingerprint=pending,
         adapter=read_checkpoint(global_dir / ADAPTER_SUBDIR, ADAPTER_STEM) if adapter else None,
         adapter_config=parse_config(read_json(global_dir / ADAPTER_SUBDIR / ADAPTER_CONFIG, "a PEFT adapter"))
         if adapter
@@ -277,7 +284,7 @@ def aggregate(cfg: AggregateConfig) -> AggregateRecord:
                     if cfg.change_out is not None:
                         change_dir = outputs.enter_context(atomic_dir(Path(cfg.change_out), "--change-out"))
                     downlink = _downlink(cfg, valid, strategy, change_dir, fedit, residual, state_dir)
-                    done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir, downlink)
+                    done = _merge(cfg, glob, weighted, strategy, old_state, reader, out, state_dir, downlink, threads)
                     _reject_stale(glob, valid, rejected)
                     record = _finish(
                         cfg, glob, weighted, done, rejected, left, strategy, old_state, out, state_dir, reader, started,

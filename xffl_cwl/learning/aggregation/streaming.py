@@ -53,6 +53,7 @@ def stream(
     norms: Norms,
     members: list[Member],
     downlink: Downlink | None = None,
+    background_hash: bool = True,
 ) -> tuple[dict[str, str], list[str], int]:
     """Write every output tensor and the new optimizer state; returns digests, state tensor names, bytes written.
 
@@ -74,7 +75,9 @@ def stream(
     written = 0
     for shard in shards:
         (out / shard.relpath).parent.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(out / shard.relpath, [p.spec for p in shard.plans], shard.metadata)
+        writer = ShardWriter(
+            out / shard.relpath, [p.spec for p in shard.plans], shard.metadata, background=background_hash
+        )
         for plan in shard.plans:
             chunks = aligned_chunks if downlink is not None and plan.target is not None else row_chunks
             for start, count in chunks(plan.spec.shape, chunk_elems):
