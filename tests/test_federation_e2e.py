@@ -1,4 +1,4 @@
-"""Three rounds, two facilities, the real tools as subprocesses: federating beats training alone."""
+"""Two rounds, two facilities, the real tools as subprocesses: federating beats training alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import run_cli
 from xffl_cwl.contract.options import EvaluateOptions
 from xffl_cwl.learning.evaluation import evaluate_model_dir
 
-ROUNDS, STEPS = 3, 20
+ROUNDS, STEPS = 2, 20
 TRAIN = ["--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--no-progress"]
 FACILITIES = ("leonardo", "lumi")
 
@@ -28,7 +28,7 @@ def _train_all(jobs: list[list[str]]) -> None:
         assert proc.returncode == 0, f"{job}: {err[-2000:]}"
 
 
-def test_three_rounds_two_facilities(demo_assets, tmp_path):
+def test_two_rounds_two_facilities(demo_assets, tmp_path):
     test_set = demo_assets.test_set
     model = demo_assets.model
     state = None
