@@ -17,12 +17,12 @@ from aggregate_memory import run
 
 
 def test_peak_rss_is_bounded_and_flat_in_updates(tmp_path):
-    figures = run(tmp_path, [2, 8], "bench-400mb")
+    figures = run(tmp_path, [2, 5], "bench-400mb")  # benchmarks/aggregate_compare.py measures 8
     model, baseline = figures["model_bytes"], figures["baseline_rss"]
     assert 380e6 < model < 450e6
-    two, eight = figures["runs"][2], figures["runs"][8]
-    # every update was really read: the 6 more of the second run were each read at least once
-    assert eight["bytes_read"] - two["bytes_read"] >= 6 * model
+    two, eight = figures["runs"][2], figures["runs"][5]
+    # every update was really read: the 3 more of the second run were each read at least once
+    assert eight["bytes_read"] - two["bytes_read"] >= 3 * model
     assert eight["peak_rss"] - baseline < model / 2
     assert two["peak_rss"] - baseline < model / 2
     assert eight["peak_rss"] <= 1.10 * two["peak_rss"]

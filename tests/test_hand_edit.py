@@ -29,7 +29,7 @@ def edited_run(tmp_path_factory, demo_assets):
     tmp_path = tmp_path_factory.mktemp("hand-edit")
     spec = load_federation(
         write_federation(
-            tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=5, strategy="fedavgm"
+            tmp_path / "federation.yml", demo_assets, ["leonardo", "lumi"], rounds=1, steps=2, strategy="fedavgm"
         )
     )
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from conftest import run_cli
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo") / "xffl-demo"
-    proc = run_cli("demo", "--workdir", workdir, "--facilities", "2", "--rounds", "2", "--steps", "10", timeout=600)
+    proc = run_cli("demo", "--workdir", workdir, "--facilities", "2", "--rounds", "2", "--steps", "5", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc
 
