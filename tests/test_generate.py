@@ -53,7 +53,9 @@ def test_generation_is_deterministic(tmp_path, demo_assets):
     # regenerating in place with --force rewrites identical files
     before = {rel: (a / rel).read_bytes() for rel in GENERATED_FILES}
     proc = run_cli("generate", tmp_path / "a.yml", "-o", a, "--force", check=True)
-    assert "wrote 7 files" in proc.stdout
+    assert "wrote 8 files" in proc.stdout
+    # the federation.yml it was made from, byte for byte: the report's and the RO-Crate's run identity
+    assert (a / "federation.source.yml").read_bytes() == (tmp_path / "a.yml").read_bytes()
     assert before == {rel: (a / rel).read_bytes() for rel in GENERATED_FILES}
     proc = run_cli("generate", tmp_path / "a.yml", "-o", a)
     assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr

@@ -87,6 +87,15 @@ def test_a_facility_that_fails_in_one_round_is_left_out_of_that_round_only(tmp_p
     assert any("round 1/2: lumi is left out of this round" in s for s in said)
     table = history_table(result.history)
     assert "left out" in table and "round 1: lumi left out:" in table
+    # the report shows who was left out, when and why
+    from report_checks import check_report
+
+    page, data = check_report(run_dir, [1, 2], ["leonardo", "lumi", "meluxina"])
+    lumi = data["rounds"][0]["facilities"]["lumi"]
+    assert lumi["status"] == "left out" and "is not valid JSON" in lumi["reason"] and lumi["bytes_up"] is None
+    assert data["rounds"][1]["facilities"]["lumi"]["status"] == "merged"
+    left = next(t for t in page.tables if t and t[0] == ["round", "facility", "what", "why"])
+    assert [row[:3] for row in left[1:]] == [["1", "lumi", "left out"]] and "is not valid JSON" in left[1][3]
 
 
 def test_quorum_rounds_behave_the_same_under_cwltool(tmp_path, demo_assets):

@@ -70,13 +70,16 @@ def slurm_run(facilities, demo_assets, datasets, tmp_path_factory):
     proc = _start(root / "run")
     try:
         wait_until(lambda: _running(facilities["by_name"]["lumi"], 1) or proc.poll() is not None, 120, "lumi's job")
+        status = run_cli("status", root / "run", timeout=60)  # from another terminal, while round 1 runs
         restart_sshd(facilities["by_name"]["lumi"])
         _, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     new_jobs = {name: jobcomp(facilities["by_name"][name])[before[name] :] for name in FACILITIES}
-    return {"root": root, "run": root / "run", "federation": federation, "stderr": err, "jobs": new_jobs}
+    return {
+        "root": root, "run": root / "run", "federation": federation, "stderr": err, "jobs": new_jobs, "status": status,
+    }  # fmt: skip
 
 
 def test_a_dropped_ssh_connection_is_retried(slurm_run):
@@ -87,6 +90,34 @@ def test_a_dropped_ssh_connection_is_retried(slurm_run):
     ]
     assert any("connection closed" in line.lower() or "trying again" in line for line in dropped), dropped
     assert "left out" not in log and "left out" not in slurm_run["stderr"]
+
+
+def test_status_shows_the_round_in_progress(slurm_run):
+    status = slurm_run["status"]
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("hpc: running, round 1 of 2 in progress"), lines
+    lumi = next(line for line in lines if line.strip().startswith("lumi "))
+    assert re.search(r"round 1: (queued|training) for \d+ s \(SLURM job \d+\)", lumi), lumi
+    assert "global held-out loss:" in status.stdout and "(initial model)" in status.stdout
+
+
+def test_report_of_the_slurm_run(slurm_run, facilities):
+    """Queue wait and run time from SLURM, staging over SSH, bytes to and from each cluster."""
+    from report_checks import check_report
+
+    _, data = check_report(slurm_run["run"], [1, 2], list(FACILITIES))
+    for name in FACILITIES:
+        ended = [
+            json.loads(line)
+            for line in (slurm_run["run"] / ".xffl" / "jobs" / f"{name}.jsonl").read_text().splitlines()
+        ]
+        ended = [e for e in ended if e["event"] == "ended"]
+        assert len(ended) == 2 and all(e["queued_s"] >= 0 and e["ran_s"] > 0 for e in ended), ended
+        first, second = (r["facilities"][name] for r in data["rounds"])
+        assert first["phases"]["staging in"] > 0 and first["down_kind"] == "model"
+        assert second["down_kind"] == "change" and second["bytes_down"] < first["bytes_down"] * 1.1
+        assert all(f["phases"]["staging out"] > 0 and f["phases"]["training"] > 0 for f in (first, second))
 
 
 def test_two_rounds_complete_on_slurm(slurm_run):

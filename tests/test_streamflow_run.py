@@ -49,3 +49,58 @@ def test_final_model_loads(demo):
     workdir, _ = demo
     model = AutoModelForCausalLM.from_pretrained(workdir / "run" / "out" / "model", local_files_only=True)
     assert model.config.model_type == "llama"
+
+
+def test_report_of_the_demo_run(demo):
+    """`xffl-cwl report` on the finished demo: PNGs, a self-contained page with every round and facility,
+    bytes that match what was moved, and an RO-Crate whose every reference resolves."""
+    from report_checks import check_report
+
+    workdir, _ = demo
+    run_dir = workdir / "run"
+    page, data = check_report(run_dir, [1, 2], ["leonardo", "lumi"])
+    history = [json.loads(line) for line in (run_dir / "out" / "history.jsonl").read_text().splitlines()]
+    assert [r["eval_loss"] for r in data["rounds"]] == [h["eval_loss"] for h in history[1:]]
+    assert data["baseline_loss"] == history[0]["eval_loss"]
+    # round 1 sends the whole model, round 2 the change, to each facility
+    model_bytes = sum(p.stat().st_size for p in (workdir / "assets" / "model").iterdir())
+    for name in ("leonardo", "lumi"):
+        first, second = (r["facilities"][name] for r in data["rounds"])
+        assert first["down_kind"] == "model" and first["bytes_down"] == model_bytes
+        assert second["down_kind"] == "change" and 0 < second["bytes_down"] < model_bytes * 1.1
+        assert first["update_digest"] != second["update_digest"]
+    assert data["identity"]["federation.yml"].startswith("sha256:")
+    identity = next(t for t in page.tables if t and t[0] == ["", "value"])
+    assert any(row[0] == "federation.yml" and row[1] == data["identity"]["federation.yml"] for row in identity)
+    status = run_cli("status", run_dir)
+    assert status.returncode == 0 and "finished, 2 of 2 rounds done" in status.stdout
+    assert f"{history[-1]['eval_loss']:.4f} (round 2)" in status.stdout
+
+    crate = workdir / "crate"
+    proc = run_cli("report", run_dir, "--ro-crate", crate)
+    assert proc.returncode == 0, proc.stderr
+    metadata = json.loads((crate / "ro-crate-metadata.json").read_text())
+    graph = {e["@id"]: e for e in metadata["@graph"]}
+
+    def refs(value):
+        if isinstance(value, dict):
+            if set(value) == {"@id"}:
+                yield value["@id"]
+            else:
+                for v in value.values():
+                    yield from refs(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from refs(v)
+
+    dangling = {r for e in graph.values() for k, v in e.items() if k != "@id" for r in refs(v)} - set(graph)
+    assert {r for r in dangling if not r.startswith("https://")} == set()
+    assert graph["./"]["mainEntity"] == {"@id": "main.cwl"}
+    for entity in graph.values():
+        types = entity["@type"] if isinstance(entity["@type"], list) else [entity["@type"]]
+        if "File" in types:
+            assert (crate / entity["@id"]).is_file(), entity["@id"]
+    trains = [e for e in graph.values() if e["@id"].startswith("#job-train-")]
+    assert len(trains) == 4 and all(e["actionStatus"].endswith("CompletedActionStatus") for e in trains)
+    final = graph["#model-round-2"]["identifier"]
+    assert final == history[-1]["fingerprint"]

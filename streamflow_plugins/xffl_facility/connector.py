@@ -102,6 +102,23 @@ def _seconds(value: str | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
+SLURM_TIME = re.compile(r"\b(Submit|Start|End)Time=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\b")
+
+
+def slurm_times(output: str) -> dict[str, float]:
+    """{queued_s, ran_s} from scontrol's (or sacct's) Submit/Start/EndTime: differences of the
+    facility's own clock, so its time zone does not matter; missing or unknown times give nothing."""
+    from datetime import datetime
+
+    found = {name: datetime.fromisoformat(value) for name, value in SLURM_TIME.findall(output)}
+    times = {}
+    if "Submit" in found and "Start" in found and found["Start"] >= found["Submit"]:
+        times["queued_s"] = (found["Start"] - found["Submit"]).total_seconds()
+    if "Start" in found and "End" in found and found["End"] >= found["Start"]:
+        times["ran_s"] = (found["End"] - found["Start"]).total_seconds()
+    return times
+
+
 def _identity(command: MutableSequence[str], status_file: str) -> tuple[str, int]:
     """(facility, round) of a train job, from its own command line (the status file names the facility too)."""
     facility = status_file[: -len(STATUS_SUFFIX)] if status_file.endswith(STATUS_SUFFIX) else status_file
@@ -187,6 +204,7 @@ class XfflFacilityConnector(SSHConnector):
         self._poll_lock = asyncio.Lock()
         self._polled_at = float("-inf")
         self._active: set[str] = set()
+        self._running: set[str] = set()  # jobs seen RUNNING, journaled once
         self.fast_copy_min_bytes = FAST_COPY_MIN_BYTES
         self.stall_seconds = STALL_SECONDS
         self._ssh: list[str] | bool | None = False  # not looked at yet
@@ -260,8 +278,9 @@ class XfflFacilityConnector(SSHConnector):
             raise
         finally:
             self._jobs.pop(job_id, None)
-        state, returncode = await self._exit_code(location, job_id)
-        self._journal("ended", job_id=job_id, state=state, exit_code=returncode)
+        state, returncode, times = await self._exit_code(location, job_id)
+        self._running.discard(job_id)
+        self._journal("ended", job_id=job_id, state=state, exit_code=returncode, **times)
         if status_file and (expired or returncode != 0):
             # The job keeps its own account of a failed round; when SLURM ended it (time limit, node failure,
             # the deadline) that account is missing or says less, so it is written here. The step succeeds.
@@ -356,7 +375,7 @@ class XfflFacilityConnector(SSHConnector):
                 f"deployment {self.deployment_name}: sbatch answered {output.strip()!r} for job {job_name}"
             )
         self._jobs[job_id] = location
-        self._journal("submitted", job_id=job_id, job_name=job_name, workdir=job_dir)
+        self._journal("submitted", job_id=job_id, job_name=job_name, workdir=job_dir, round=round_number)
         if logger.isEnabledFor(logging.INFO):
             logger.info(f"Scheduled job {job_name} with job id {job_id} on {self.deployment_name}")
         return job_id
@@ -430,18 +449,24 @@ class XfflFacilityConnector(SSHConnector):
             if time.monotonic() - self._polled_at >= self.pollingInterval * 0.9 and self._jobs:
                 ids = ",".join(self._jobs)
                 output, returncode = await self._retrying(
-                    location, ["squeue", "-h", "-o", "%i", "-t", ACTIVE_STATES, "-j", ids], "poll the queue"
+                    location, ["squeue", "-h", "-o", "'%i %T'", "-t", ACTIVE_STATES, "-j", ids], "poll the queue"
                 )
                 if returncode != 0 and "Invalid job id" not in output:
                     raise WorkflowExecutionException(
                         f"deployment {self.deployment_name}: squeue failed: {output.strip()}"
                     )
-                self._active = set(output.split()) if returncode == 0 else set()
+                states = dict(line.split()[:2] for line in output.splitlines() if len(line.split()) >= 2)
+                self._active = set(states) if returncode == 0 else set()
+                for job_id, job_state in states.items():
+                    if job_state == "RUNNING" and job_id in self._jobs and job_id not in self._running:
+                        self._running.add(job_id)
+                        self._journal("started", job_id=job_id)  # the queue wait ends: `xffl-cwl status` shows it
                 self._polled_at = time.monotonic()
             return set(self._active)
 
-    async def _exit_code(self, location: ExecutionLocation, job_id: str) -> tuple[str, int]:
-        """(SLURM state, exit code); a job SLURM ended (timeout, node failure, ...) never reads as 0."""
+    async def _exit_code(self, location: ExecutionLocation, job_id: str) -> tuple[str, int, dict[str, float]]:
+        """(SLURM state, exit code, {queued_s, ran_s}); a job SLURM ended (timeout, node failure, ...) never
+        reads as 0. The times are SLURM's own (submit to start, start to end), for `xffl-cwl report`."""
         output, returncode = await self._retrying(
             location, ["scontrol", "show", "-o", "job", job_id], "read the job's state"
         )
@@ -456,10 +481,10 @@ class XfflFacilityConnector(SSHConnector):
                     "-j",
                     job_id,
                     "-o",
-                    "State,ExitCode",
+                    "State,ExitCode,Submit,Start,End",
                     "|",
                     "sed",
-                    "'s/^\\([^|]*\\)|/JobState=\\1 ExitCode=/'",
+                    "'s/^\\([^|]*\\)|\\([^|]*\\)|\\([^|]*\\)|\\([^|]*\\)|/JobState=\\1 ExitCode=\\2 SubmitTime=\\3 StartTime=\\4 EndTime=/'",
                 ],
                 "read the job's state",
             )
@@ -471,10 +496,11 @@ class XfflFacilityConnector(SSHConnector):
             )
         exit_code, signal = int(code[1]), int(code[2])
         job_state = state[1].split()[0] if state else "UNKNOWN"
+        times = slurm_times(output)
         if exit_code == 0 and (signal or job_state in FAILED_STATES):
             logger.warning(f"SLURM job {job_id} on {self.deployment_name} ended {job_state} (signal {signal})")
-            return job_state, 128 + signal if signal else 1
-        return job_state, exit_code
+            return job_state, 128 + signal if signal else 1, times
+        return job_state, exit_code, times
 
     async def _cancel(self, location: ExecutionLocation, job_ids: list[str]) -> None:
         if job_ids:

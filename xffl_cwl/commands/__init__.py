@@ -6,6 +6,7 @@ from xffl_cwl.commands.demo import demo_command
 from xffl_cwl.commands.demo_assets import demo_assets_command
 from xffl_cwl.commands.evaluate import evaluate_command
 from xffl_cwl.commands.generate import generate_command
+from xffl_cwl.commands.report import report_command, status_command
 from xffl_cwl.commands.run import run_command
 from xffl_cwl.commands.train import train_command
 from xffl_cwl.commands.validate import validate_command
@@ -19,5 +20,7 @@ COMMANDS = [
     generate_command,
     validate_command,
     run_command,
+    status_command,
+    report_command,
     check_command,
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from xffl_cwl.atomic import write_text_atomic
 from xffl_cwl.contract.layout import (
     OUT_DIR,
+    REPORT_DIR,
     RESUME_INPUTS,
     RESUME_STREAMFLOW,
     STATE_DIR_NAME,
@@ -125,7 +126,7 @@ def run_lock(root: Path) -> Iterator[None]:
 def clear(root: Path) -> None:
     """Everything a previous run wrote in the folder (--force), keeping the generated files."""
     root = Path(root)
-    for name in (WORK_DIR, OUT_DIR, TMP_DIR, ".streamflow"):
+    for name in (WORK_DIR, OUT_DIR, TMP_DIR, REPORT_DIR, ".streamflow"):
         shutil.rmtree(root / name, ignore_errors=True)
     for name in (STREAMFLOW_LOG, RESUME_INPUTS, RESUME_STREAMFLOW):
         (root / name).unlink(missing_ok=True)
