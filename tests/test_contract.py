@@ -115,12 +115,14 @@ def test_settings_reject_what_json_and_yaml_let_through():
 
 LAYERS = {
     # package -> packages of xffl_cwl it must not import (the flow only goes one way)
-    "contract": {"federation", "generator", "execution", "facility", "learning", "commands", "demo", "cli"},
+    "contract": {"federation", "generator", "execution", "facility", "learning", "commands", "demo", "cli", "report"},
     "federation": {"generator", "execution", "learning", "commands", "demo", "cli"},
     "facility": {"generator", "execution", "learning", "commands", "demo", "cli"},
     "generator": {"execution", "learning", "commands", "demo", "cli"},
-    "execution": {"learning", "commands", "demo", "cli"},
-    "learning": {"federation", "generator", "execution", "facility", "commands", "demo", "cli"},
+    "execution": {"learning", "commands", "demo", "cli", "report"},
+    "learning": {"federation", "generator", "execution", "facility", "commands", "demo", "cli", "report"},
+    # the report reads what a run left (through execution's readers of the run folder), and writes nothing back
+    "report": {"federation", "generator", "learning", "facility", "commands", "demo", "cli"},
 }
 
 
@@ -147,6 +149,7 @@ def test_everything_but_learning_works_without_torch():
         "import sys\n"
         "import xffl_cwl.cli, xffl_cwl.contract.records, xffl_cwl.federation, xffl_cwl.generator\n"
         "import xffl_cwl.execution.supervisor, xffl_cwl.facility.preflight, xffl_cwl.learning.history\n"
+        "import xffl_cwl.report.page, xffl_cwl.report.status, xffl_cwl.report.ro_crate\n"
         "import streamflow_plugins.xffl_facility.connector\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )

@@ -235,12 +235,19 @@ def test_interrupted_and_killed_runs_leave_nothing_and_resume_to_the_same_model(
     time.sleep(1.0)  # round 2 is training
     os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator, with no chance to clean up
     proc.wait(timeout=10)
+    status = run_cli("status", run_dir)
+    assert status.returncode == 0 and status.stdout.startswith("test: stopped (attempt 2), 1 of 2 rounds done")
     resumed = run_cli("run", run_dir, "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "attempt 3: from round 2" in resumed.stderr  # round 1 was not trained again
     assert (run_dir / ".xffl" / "rounds.jsonl").read_text().count('"round": 1,') == 1
     assert [h["round"] for h in _history(run_dir)] == [0, 1, 2]
     _same_model(run_dir, reference)
+    # the report of a run made of three attempts: every round once, from the attempt that completed it
+    from report_checks import check_report
+
+    _, data = check_report(run_dir, [1, 2], ["leonardo", "lumi"])
+    assert all(f["status"] == "merged" for r in data["rounds"] for f in r["facilities"].values())
     finished = run_cli("run", run_dir)
     assert finished.returncode == 2 and "holds a finished run" in finished.stderr and "--force" in finished.stderr
 

@@ -75,6 +75,8 @@ def test_report_of_the_demo_run(demo):
     status = run_cli("status", run_dir)
     assert status.returncode == 0 and "finished, 2 of 2 rounds done" in status.stdout
     assert f"{history[-1]['eval_loss']:.4f} (round 2)" in status.stdout
+    watched = run_cli("status", run_dir, "--watch", "--interval", "0.5", timeout=30)  # an ended run: shown once
+    assert watched.returncode == 0 and watched.stdout == status.stdout
 
     crate = workdir / "crate"
     proc = run_cli("report", run_dir, "--ro-crate", crate)
@@ -104,3 +106,58 @@ def test_report_of_the_demo_run(demo):
     assert len(trains) == 4 and all(e["actionStatus"].endswith("CompletedActionStatus") for e in trains)
     final = graph["#model-round-2"]["identifier"]
     assert final == history[-1]["fingerprint"]
+
+
+HOSTILE_UPDATE_RECORDS = {
+    "not UTF-8": b"\xff\xfe\x00{garbage",
+    "a list": b"[1, 2, 3]",
+    "markup and escapes": json.dumps(
+        {
+            "format": "xffl-update",
+            "facility": "<script>alert(1)</script>",
+            "encoding": '"><img src=x onerror=alert(1)>',
+            "software": {"torch": "<b>x</b>", "\x1b]0;owned\x07": "1", "ok": "2.0"},
+            "container": {"runtime": "podman", "image": "<script>", "digest": "a b", "build": "\u202e"},
+        }
+    ).encode(),
+    "deeply nested": b"[" * 100000 + b"]" * 100000,
+    "huge": b'{"software": {"a": "' + b"x" * (2 << 20) + b'"}}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_UPDATE_RECORDS))
+def test_report_and_status_of_hostile_records(demo, tmp_path, case):
+    """What facilities wrote reaches the report and status as escaped, bounded text, never as markup,
+    a terminal escape or a traceback: update.json as raw bytes, a reason with markup, a FIFO."""
+    import os
+    import shutil
+
+    workdir, _ = demo
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir / "run", run_dir, symlinks=True)
+    for path in run_dir.rglob("*"):  # the copy's own paths, so the report reads this copy
+        if path.is_file() and not path.is_symlink() and path.suffix in (".log", ".jsonl", ".json", ".yml"):
+            path.write_text(path.read_text(errors="replace").replace(str(workdir / "run"), str(run_dir)))
+    updates = sorted(run_dir.glob("work/*/*/leonardo/update.json"))
+    assert updates
+    for update in updates:
+        update.write_bytes(HOSTILE_UPDATE_RECORDS[case])
+    lumi = sorted(run_dir.glob("work/*/*/lumi/update.json"))
+    os.unlink(lumi[0])
+    os.mkfifo(lumi[0])  # reading it would block forever
+    aggregate = next(run_dir.glob("work/aggregator/*/model/aggregate.json"))
+    record = json.loads(aggregate.read_text())
+    record["facilities"].pop("lumi")
+    record["left_out"] = [{"facility": "lumi", "reason": "<script>alert(2)</script>\x1b[2J"}]
+    aggregate.write_text(json.dumps(record))
+    proc = run_cli("report", run_dir, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    page = (run_dir / "report" / "index.html").read_text()
+    for raw in ("<script", "<img src=x", "<b>x</b>", "\x1b", "\u202e"):
+        assert raw not in page, raw
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;?[2J" in page  # lumi's reason, shown as text
+    if case == "markup and escapes":
+        assert "&lt;b&gt;x&lt;/b&gt;" not in page  # non-printable-checked software versions are dropped whole
+    status = run_cli("status", run_dir, timeout=60)
+    assert status.returncode == 0 and "\x1b" not in status.stdout, status.stdout
+    assert "lumi in round " in status.stdout and "<script>alert(2)</script>?[2J" in status.stdout

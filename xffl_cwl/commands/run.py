@@ -27,6 +27,7 @@ def report(result, run_dir: Path) -> None:
         f"finished in {result.seconds:.0f} s; final model: {result.outdir / 'model'}; "
         f"history: {result.outdir / HISTORY_JSONL}"
     )
+    click.echo(f"plots and a page of the whole run: xffl-cwl report {run_dir}")
 
 
 @click.command("run")

@@ -15,6 +15,7 @@ result's fingerprint. Layout (Hugging Face style, one directory):
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -121,7 +122,7 @@ class ChangeWriter:
         self.scales = (
             ShardWriter(
                 self.directory / f"{SCALES_STEM}.safetensors",
-                [TensorSpec(s.name, "F32", (block_count(_numel(s.shape)),)) for s in specs],
+                [TensorSpec(s.name, "F32", (block_count(math.prod(s.shape)),)) for s in specs],
                 hashed=False,
             )
             if encoding == "int8"
@@ -157,13 +158,6 @@ def write_adapter_change(directory: Path, new_model: Path, record: ChangeRecord)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copytree(Path(new_model) / ADAPTER_SUBDIR, directory / ADAPTER_SUBDIR)
     (directory / CHANGE_JSON).write_text(json_text(record.to_json()))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from xffl_cwl.execution.run_state import RoundDone, RunState, completed_rounds
 from xffl_cwl.report.timeline import Job, Timeline, read_timeline
 
 TEXT_LIMIT = 300
+RECORD_LIMIT = 1 << 20
 
 
 def _num(value: Any) -> float | None:
@@ -46,14 +48,22 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _text(value: Any, limit: int = TEXT_LIMIT) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+def clean_text(value: Any, limit: int = TEXT_LIMIT) -> str:
+    """A facility's text, bounded, with control characters (terminal escapes among them) shown as `?`."""
+    if not isinstance(value, str):
+        return ""
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
 def _json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a regular file of at most RECORD_LIMIT bytes; anything else (a link to a
+    device, a FIFO, garbage, a list) is None: records come from facilities and must not hang the report."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > RECORD_LIMIT:
+            return None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -278,7 +288,7 @@ def _from_job(job: Job | None) -> tuple[str, str]:
     if job.outcome == "done":
         return "trained", ""
     if job.outcome == "left_out":
-        return "left out", job.event.reason if job.event and job.event.reason else ""
+        return "left out", clean_text(job.event.reason) if job.event else ""
     return job.outcome, ""
 
 
@@ -337,36 +347,38 @@ def read_run(root: Path, digests: Digests | None = None) -> RunView:
             for value in view.aggregate_job.option("--update"):
                 path = Path(value)
                 record_json = _json(path / UPDATE_JSON)
-                facility = _text(record_json.get("facility"), 64) if record_json else path.name
+                facility = clean_text(record_json.get("facility"), 64) if record_json else path.name
                 updates[facility or path.name] = path
         if aggregate is not None:
             view.complete = True
-            view.strategy = _text(aggregate.get("strategy"), 64) or None
+            view.strategy = clean_text(aggregate.get("strategy"), 64) or None
             view.update_norm = _num(aggregate.get("update_norm"))
-            view.fingerprint = _text(aggregate.get("fingerprint"), 80) or None
-            view.base_fingerprint = _text(aggregate.get("base_fingerprint"), 80) or None
+            view.fingerprint = clean_text(aggregate.get("fingerprint"), 80) or None
+            view.base_fingerprint = clean_text(aggregate.get("base_fingerprint"), 80) or None
             change = aggregate.get("change")
             view.change = change if isinstance(change, dict) else None
             view.aggregate_seconds = _num(aggregate.get("seconds"))
             view.container = _container(aggregate.get("container"))
         merged = aggregate.get("facilities") if aggregate and isinstance(aggregate.get("facilities"), dict) else {}
         rejected = {
-            _text(r.get("facility"), 64): _text(r.get("reason"))
+            clean_text(r.get("facility"), 64): clean_text(r.get("reason"))
             for r in (aggregate or {}).get("rejected") or []
             if isinstance(r, dict)
         }
         left_out = {
-            _text(r.get("facility"), 64): _text(r.get("reason"))
+            clean_text(r.get("facility"), 64): clean_text(r.get("reason"))
             for r in (aggregate or {}).get("left_out") or []
             if isinstance(r, dict)
         }
         if record is not None:
-            left_out |= {e.facility: e.reason for e in record.left_out if e.facility not in left_out}
+            left_out |= {
+                clean_text(e.facility, 64): clean_text(e.reason) for e in record.left_out if e.facility not in left_out
+            }
         for entry in state.left_out if state else []:
             who, _, reason = entry.partition(": ")
             name, _, at = who.partition("@")
             if at == str(number):
-                left_out.setdefault(name, f"{reason.strip()} (left out by xffl-cwl run)")
+                left_out.setdefault(name, f"{clean_text(reason.strip())} (left out by xffl-cwl run)")
         for name in names:
             job = _latest(timeline.jobs, "train", number, name)
             fr = FacilityRound(name, "-", job=job)
@@ -404,7 +416,7 @@ def read_run(root: Path, digests: Digests | None = None) -> RunView:
             if update is not None and fr.status != "left out":
                 fr.bytes_up = dir_bytes(update)
                 raw = _json(update / UPDATE_JSON) or {}
-                fr.encoding = _text(raw.get("encoding"), 8)
+                fr.encoding = clean_text(raw.get("encoding"), 8)
                 fr.software = _software(raw.get("software"))
                 fr.container = fr.container or _container(raw.get("container"))
                 fr.update_digest = digests.of(update) if digests is not None else None

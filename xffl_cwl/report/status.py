@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from xffl_cwl.report.run_view import RunView
+from xffl_cwl.report.run_view import clean_text as clean
 from xffl_cwl.report.timeline import Job
 
 
@@ -43,7 +44,7 @@ def _job_line(job: Job | None, now: float) -> str:
             return f"{where}: evaluated in {took}" + (f", held-out loss {loss:.4f}" if loss is not None else "")
         return f"{where}: aggregated in {took}"
     if job.outcome == "left_out":
-        reason = job.event.reason if job.event and job.event.reason else "?"
+        reason = clean(job.event.reason) if job.event and job.event.reason else "?"
         return f"{where}: left out after {took}: {reason}"
     return f"{where}: {job.outcome} after {took}"
 
@@ -83,5 +84,5 @@ def status_text(view: RunView, now: float | None = None) -> str:
     if left:
         lines.append("left out: " + "; ".join(left))
     if view.message and view.status != "running":
-        lines.append(f"last error: {view.message}")
+        lines.append(f"last error: {clean(view.message, 1000)}")
     return "\n".join(lines)
