@@ -75,10 +75,11 @@ def _status(fr: FacilityRound) -> str:
     return f'<span class="{css}">{e(fr.status)}</span>'
 
 
-def _phase_seconds(fr: FacilityRound) -> dict[str, float]:
+def _phase_seconds(fr: FacilityRound, now: float | None = None) -> dict[str, float]:
+    """Seconds per phase of a facility's round; a phase still going counts until `now` (if given)."""
     out: dict[str, float] = {}
     if fr.job is not None:
-        for phase, start, end in phases(fr.job):
+        for phase, start, end in phases(fr.job, now):
             out[phase] = out.get(phase, 0.0) + end - start
     return out
 
@@ -167,14 +168,12 @@ def _facility_table(view: RunView) -> str:
 
 def _time_table(view: RunView) -> str:
     rows = []
+    now = time.time() if view.status == "running" else None
     for r in view.rounds:
         for fr in r.facilities.values():
-            p = _phase_seconds(fr)
-            queued = (
-                "in queue"
-                if fr.job is not None and fr.job.queued < 0 and fr.job.end is None
-                else seconds(p.get("queue wait"))
-            )
+            p = _phase_seconds(fr, now)
+            waiting = fr.job is not None and fr.job.end is None and fr.job.queued < 0
+            queued = seconds(p.get("queue wait")) + (" (still waiting)" if waiting else "")
             rows.append(
                 [
                     str(r.round),

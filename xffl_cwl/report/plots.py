@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from xffl_cwl.report.run_view import RunView
@@ -89,14 +90,17 @@ def facility_loss(view: RunView, path: Path) -> Path:
     return _save(fig, path)
 
 
-def phases(job: Job) -> list[tuple[str, float, float]]:
-    """(phase, start, end) of one job, in time order."""
+def phases(job: Job, now: float | None = None) -> list[tuple[str, float, float]]:
+    """(phase, start, end) of one job, in time order; a job still running ends `now` (if given)."""
     spans: list[tuple[str, float, float]] = []
-    end = job.end
+    end = job.end if job.end is not None else now
     if job.tool == "train":
         if job.stage_in is not None and job.stage_in[1] > job.stage_in[0]:
             spans.append(("staging in", *job.stage_in))
         if end is not None:
+            if job.queued < 0:  # still in the queue
+                spans.append(("queue wait", job.start, end))
+                return spans
             queued = max(0.0, min(job.queued, end - job.start))
             if queued > 0:
                 spans.append(("queue wait", job.start, job.start + queued))
@@ -116,9 +120,10 @@ def timeline(view: RunView, path: Path) -> Path:
     rows = [*view.facilities, "aggregator"]
     fig, ax = plt.subplots(figsize=(9.0, 0.55 * len(rows) + 1.6))
     origin = view.timeline.started or min((j.start for j in view.timeline.jobs), default=0.0)
+    now = time.time() if view.status == "running" else None
     for job in view.timeline.jobs:
         row = rows.index(job.facility) if job.tool == "train" and job.facility in rows else len(rows) - 1
-        for phase, start, end in phases(job):
+        for phase, start, end in phases(job, now):
             ax.broken_barh([(start - origin, max(end - start, 0.05))], (row - 0.35, 0.7), color=PHASE_COLOURS[phase])
         if job.outcome in ("failed", "left_out", "stopped") and job.end is not None:
             ax.text(job.end - origin, row, " ✗", va="center", color="#c00", fontsize=9)
