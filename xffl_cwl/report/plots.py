@@ -40,6 +40,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _per_round(ax, ylabel: str, title: str, xlabel: str = "round", legend_outside: bool = False) -> None:
+    """Labels, grid and integer round ticks; a legend when something was drawn with a label."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if legend_outside else {}))
+
+
 def global_loss(view: RunView, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -51,11 +62,7 @@ def global_loss(view: RunView, path: Path) -> Path:
             ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no global model evaluated yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("round (0: the initial model)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("Global held-out loss per round")
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _per_round(ax, "held-out loss", "Global held-out loss per round", "round (0: the initial model)")
     return _save(fig, path)
 
 
@@ -80,13 +87,7 @@ def facility_loss(view: RunView, path: Path) -> Path:
             ax.plot(*zip(*after, strict=True), "o-", color=colour, label=f"{name}: held-out after")
         if train:
             ax.plot(*zip(*train, strict=True), "x:", color=colour, alpha=0.7, label=f"{name}: train (last step)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax.set_title("Each facility before and after its local steps")
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _per_round(ax, "loss", "Each facility before and after its local steps", legend_outside=True)
     return _save(fig, path)
 
 
@@ -159,13 +160,7 @@ def bytes_moved(view: RunView, path: Path) -> Path:
         up = [(r.facilities[name].bytes_up or 0) / 2**20 if name in r.facilities else 0 for r in view.rounds]
         ax.bar(xs, down, width, color=colours(i % 10), alpha=0.45, label=f"{name}: to it")
         ax.bar(xs, up, width, bottom=down, color=colours(i % 10), label=f"{name}: from it")
-    ax.set_xlabel("round")
-    ax.set_ylabel("MiB")
-    ax.set_title("Bytes moved per round and facility")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(axis="y", alpha=0.3)
-    if names:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _per_round(ax, "MiB", "Bytes moved per round and facility", legend_outside=True)
     return _save(fig, path)
 
 
@@ -184,13 +179,7 @@ def update_norms(view: RunView, path: Path) -> Path:
     merged = [(r.round, r.update_norm) for r in view.rounds if r.update_norm is not None]
     if merged:
         ax.plot(*zip(*merged, strict=True), "s-", color="black", label="global update")
-    ax.set_xlabel("round")
-    ax.set_ylabel("L2 norm of the change")
-    ax.set_title("Update norms")
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if ax.lines:
-        ax.legend(fontsize=7)
+    _per_round(ax, "L2 norm of the change", "Update norms")
     return _save(fig, path)
 
 

@@ -29,7 +29,7 @@ from xffl_cwl.contract.layout import (
     UPDATE_JSON,
 )
 from xffl_cwl.execution.run_state import completed_rounds
-from xffl_cwl.report.run_view import Digests, RunView, read_run
+from xffl_cwl.report.run_view import Digests, RoundView, RunView, read_run
 from xffl_cwl.report.timeline import Job
 
 METADATA = "ro-crate-metadata.json"
@@ -81,50 +81,158 @@ def _job_name(job: Job) -> str:
     return f"{job.tool}, round {job.round}" if job.round else f"{job.tool}, initial model"
 
 
+def _status(job: Job, succeeded: bool) -> str:
+    if job.end is None:
+        return "http://schema.org/ActiveActionStatus"
+    return f"http://schema.org/{'Completed' if succeeded else 'Failed'}ActionStatus"
+
+
+class _RunCrate(_Crate):
+    """The crate of one run: the workflow's entities once, then one round at a time."""
+
+    def __init__(self, view: RunView, out: Path) -> None:
+        super().__init__(out)
+        self.view = view
+        self.tools: dict[str, str | None] = {}
+        self.steps: list[str] = []
+        self.models: dict[int, str] = {}  # round -> the global model made by it (first_round - 1: the initial one)
+        self.actions: list[str] = []
+        self.controls: list[str] = []
+        self.round_cwl: str | None = None
+        self.main: str | None = None
+
+    def workflow(self) -> None:
+        """main.cwl (the main entity), round.cwl and the tools, in CWL."""
+        root = self.view.root
+        cwl = self.add(
+            "#cwl",
+            "ComputerLanguage",
+            name="Common Workflow Language",
+            alternateName="CWL",
+            identifier=_ref("https://w3id.org/cwl/v1.2/"),
+            url=_ref("https://www.commonwl.org/"),
+            version="v1.2",
+        )
+        workflow = ["File", "SoftwareSourceCode", "ComputationalWorkflow"]
+        for path in sorted((root / TOOLS_DIR).glob("*.cwl")):
+            self.tools[path.stem] = self.file(
+                path, f"{TOOLS_DIR}/{path.name}", ["File", "SoftwareApplication"], name=f"xffl-cwl {path.stem}"
+            )
+        self.round_cwl = self.file(root / ROUND_CWL, ROUND_CWL, workflow, programmingLanguage=_ref(cwl))
+        self.main = self.file(
+            root / MAIN_CWL,
+            MAIN_CWL,
+            workflow,
+            name=f"federation {self.view.name}",
+            programmingLanguage=_ref(cwl),
+            hasPart=[_ref(i) for i in [self.round_cwl, *self.tools.values()] if i],
+        )
+
+    def step(self, name: str, tool: str) -> str:
+        """A step of round.cwl (added once), and what runs it."""
+        at = f"{ROUND_CWL}#{name}"
+        if at not in self.graph:
+            tool_file = self.tools.get(tool)
+            self.steps.append(self.add(at, "HowToStep", name=name, workExample=_ref(tool_file) if tool_file else None))
+            if self.round_cwl:
+                self.graph[self.round_cwl]["step"] = [_ref(i) for i in self.steps]
+        return at
+
+    def job(self, at: str, job: Job, step: str, succeeded: bool, **properties: Any) -> str:
+        """A tool's run (CreateAction) and the ControlAction that ties it to its step."""
+        tool_file = self.tools.get(job.tool)
+        action = self.add(
+            at,
+            "CreateAction",
+            name=_job_name(job),
+            instrument=_ref(tool_file) if tool_file else None,
+            startTime=_iso(job.start),
+            endTime=_iso(job.end),
+            actionStatus=_status(job, succeeded),
+            **properties,
+        )
+        self.actions.append(action)
+        control = self.add(f"#control-{at[1:]}", "ControlAction", instrument=_ref(self.step(step, job.tool)))
+        self.graph[control]["object"] = _ref(action)
+        self.controls.append(control)
+        return action
+
+    def model(self, round_number: int, fingerprint: str, name: str, record: str | None = None) -> str:
+        self.models[round_number] = self.add(
+            f"#model-round-{round_number}",
+            "Dataset",
+            name=name,
+            identifier=fingerprint,
+            subjectOf=_ref(record) if record else None,
+        )
+        return self.models[round_number]
+
+    def one_round(self, r: RoundView) -> None:
+        """Each facility's training (its update named by digest, its update.json as received), then the aggregation."""
+        base = [_ref(self.models[r.round - 1])] if r.round - 1 in self.models else []
+        received = {Path(v).name: Path(v) for v in (r.aggregate_job.option("--update") if r.aggregate_job else [])}
+        updates = []
+        for fr in r.facilities.values():
+            if fr.job is None:
+                continue
+            update = None
+            if fr.status in ("merged", "rejected"):
+                record = None
+                if fr.facility in received:
+                    record = self.file(
+                        received[fr.facility] / UPDATE_JSON,
+                        f"rounds/{r.round}/updates/{fr.facility}/{UPDATE_JSON}",
+                        name=f"{fr.facility}'s record of round {r.round} (as received, untrusted)",
+                    )
+                update = self.add(
+                    f"#update-{fr.facility}-round-{r.round}",
+                    "Dataset",
+                    name=f"update from {fr.facility}, round {r.round} ({fr.status})",
+                    identifier=fr.update_digest,
+                    contentSize=str(fr.bytes_up) if fr.bytes_up is not None else None,
+                    subjectOf=_ref(record) if record else None,
+                )
+                updates.append(_ref(update))
+            image = (fr.container or {}).get("image")
+            self.job(
+                f"#job-train-{fr.facility}-round-{r.round}",
+                fr.job,
+                f"train_{fr.facility}",
+                fr.job.outcome == "done",
+                error=fr.reason or None,
+                object=base,
+                result=[_ref(update)] if update else [],
+                containerImage=image if image and image != "none" else None,
+                location=fr.job.deployment,
+            )
+        if r.fingerprint:
+            done = completed_rounds(self.view.root).get(r.round)
+            record = None
+            if done is not None:
+                record = self.file(
+                    self.view.root / done.model / AGGREGATE_JSON,
+                    f"rounds/{r.round}/{AGGREGATE_JSON}",
+                    name=f"round {r.round}'s aggregation",
+                )
+            self.model(r.round, r.fingerprint, f"global model after round {r.round}", record)
+        if r.aggregate_job is not None:
+            self.job(
+                f"#job-aggregate-round-{r.round}",
+                r.aggregate_job,
+                "aggregate",
+                bool(r.fingerprint),
+                object=updates + base,
+                result=[_ref(self.models[r.round])] if r.round in self.models else [],
+            )
+
+
 def build(view: RunView, out: Path) -> None:
     """Fill `out` (an empty directory) with the crate."""
     from xffl_cwl import __version__
 
-    crate = _Crate(out)
+    crate = _RunCrate(view, out)
     root = view.root
-    cwl = crate.add(
-        "#cwl",
-        "ComputerLanguage",
-        name="Common Workflow Language",
-        alternateName="CWL",
-        identifier=_ref("https://w3id.org/cwl/v1.2/"),
-        url=_ref("https://www.commonwl.org/"),
-        version="v1.2",
-    )
-    tools = {}
-    for path in sorted((root / TOOLS_DIR).glob("*.cwl")):
-        tools[path.stem] = crate.file(
-            path, f"{TOOLS_DIR}/{path.name}", ["File", "SoftwareApplication"], name=f"xffl-cwl {path.stem}"
-        )
-    round_cwl = crate.file(root / ROUND_CWL, ROUND_CWL, ["File", "SoftwareSourceCode", "ComputationalWorkflow"])
-    main = crate.file(
-        root / MAIN_CWL,
-        MAIN_CWL,
-        ["File", "SoftwareSourceCode", "ComputationalWorkflow"],
-        name=f"federation {view.name}",
-        programmingLanguage=_ref(cwl),
-        hasPart=[_ref(i) for i in [round_cwl, *tools.values()] if i],
-    )
-    steps: list[str] = []
-
-    def step(name: str, tool: str) -> str:
-        """A step of round.cwl, once."""
-        identifier = f"{ROUND_CWL}#{name}"
-        if identifier not in crate.graph:
-            steps.append(
-                crate.add(
-                    identifier, "HowToStep", name=name, workExample=_ref(tools[tool]) if tools.get(tool) else None
-                )
-            )
-            if round_cwl:
-                crate.graph[round_cwl]["step"] = [_ref(i) for i in steps]
-        return identifier
-
+    crate.workflow()
     inputs = crate.file(root / INPUTS_YML, INPUTS_YML, name="job order")
     deployment = crate.file(root / STREAMFLOW_YML, STREAMFLOW_YML, name="StreamFlow deployments and bindings")
     source = crate.file(root / FEDERATION_SOURCE, "federation.yml", name="federation.yml the run folder was made from")
@@ -135,126 +243,24 @@ def build(view: RunView, out: Path) -> None:
         version=dict(view.identity).get("streamflow (orchestrator)"),
     )
     xffl = crate.add("#xffl-cwl", "SoftwareApplication", name="xffl-cwl", version=__version__)
-    models: dict[int, str] = {}
     first = next((r for r in view.rounds if r.base_fingerprint), None)
-    if first is not None:
-        models[view.first_round - 1] = crate.add(
-            f"#model-round-{view.first_round - 1}",
-            "Dataset",
-            name="initial global model",
-            identifier=first.base_fingerprint,
-        )
+    if first is not None and first.base_fingerprint:
+        crate.model(view.first_round - 1, first.base_fingerprint, "initial global model")
     history = crate.file(root / OUT_DIR / HISTORY_JSONL, HISTORY_JSONL, name="global held-out loss per round")
-    actions = []
-    controls = []
     for r in view.rounds:
-        updates = []
-        for fr in r.facilities.values():
-            job = fr.job
-            if job is None:
-                continue
-            record = None
-            if r.aggregate_job is not None:
-                for value in r.aggregate_job.option("--update"):
-                    if Path(value).name == fr.facility:
-                        record = crate.file(
-                            Path(value) / UPDATE_JSON,
-                            f"rounds/{r.round}/updates/{fr.facility}/{UPDATE_JSON}",
-                            name=f"{fr.facility}'s record of round {r.round} (as received, untrusted)",
-                        )
-            update = None
-            if fr.status in ("merged", "rejected"):
-                update = crate.add(
-                    f"#update-{fr.facility}-round-{r.round}",
-                    "Dataset",
-                    name=f"update from {fr.facility}, round {r.round} ({fr.status})",
-                    identifier=fr.update_digest,
-                    contentSize=str(fr.bytes_up) if fr.bytes_up is not None else None,
-                    subjectOf=_ref(record) if record else None,
-                )
-                updates.append(update)
-            image = fr.container.get("image") if fr.container else None
-            action = crate.add(
-                f"#job-train-{fr.facility}-round-{r.round}",
-                "CreateAction",
-                name=_job_name(job),
-                instrument=_ref(tools["train"]) if tools.get("train") else None,
-                startTime=_iso(job.start),
-                endTime=_iso(job.end),
-                actionStatus="http://schema.org/CompletedActionStatus"
-                if job.outcome == "done"
-                else "http://schema.org/FailedActionStatus"
-                if job.end is not None
-                else "http://schema.org/ActiveActionStatus",
-                error=fr.reason or None,
-                object=[_ref(models[r.round - 1])] if r.round - 1 in models else [],
-                result=[_ref(update)] if update else [],
-                containerImage=image if image and image != "none" else None,
-                agent=None,
-                location=job.deployment,
-            )
-            actions.append(action)
-            controls.append(
-                crate.add(
-                    f"#control-train-{fr.facility}-round-{r.round}",
-                    "ControlAction",
-                    instrument=_ref(step(f"train_{fr.facility}", "train")),
-                    object=_ref(action),
-                )
-            )
-        if r.fingerprint:
-            aggregate_record = None
-            done = completed_rounds(root).get(r.round)
-            if done is not None:
-                aggregate_record = crate.file(
-                    root / done.model / AGGREGATE_JSON,
-                    f"rounds/{r.round}/{AGGREGATE_JSON}",
-                    name=f"round {r.round}'s aggregation",
-                )
-            models[r.round] = crate.add(
-                f"#model-round-{r.round}",
-                "Dataset",
-                name=f"global model after round {r.round}",
-                identifier=r.fingerprint,
-                subjectOf=_ref(aggregate_record) if aggregate_record else None,
-            )
-        job = r.aggregate_job
-        if job is not None:
-            action = crate.add(
-                f"#job-aggregate-round-{r.round}",
-                "CreateAction",
-                name=_job_name(job),
-                instrument=_ref(tools["aggregate"]) if tools.get("aggregate") else None,
-                startTime=_iso(job.start),
-                endTime=_iso(job.end),
-                actionStatus="http://schema.org/CompletedActionStatus"
-                if r.fingerprint
-                else "http://schema.org/FailedActionStatus",
-                object=[_ref(u) for u in updates] + ([_ref(models[r.round - 1])] if r.round - 1 in models else []),
-                result=[_ref(models[r.round])] if r.round in models else [],
-            )
-            actions.append(action)
-            controls.append(
-                crate.add(
-                    f"#control-aggregate-round-{r.round}",
-                    "ControlAction",
-                    instrument=_ref(step("aggregate", "aggregate")),
-                    object=_ref(action),
-                )
-            )
-    run_status = STATUS.get(view.status, "http://schema.org/FailedActionStatus")
-    final = models.get(max(models)) if models else None
+        crate.one_round(r)
+    final = crate.models.get(max(crate.models)) if crate.models else None
+    initial = crate.models.get(view.first_round - 1)
     run = crate.add(
         "#run",
         "CreateAction",
         name=f"xffl-cwl run of federation {view.name}",
-        instrument=_ref(main) if main else None,
+        instrument=_ref(crate.main) if crate.main else None,
         startTime=_iso(view.timeline.started),
         endTime=_iso(view.timeline.last_line) if view.status != "running" else None,
-        actionStatus=run_status,
+        actionStatus=STATUS.get(view.status, "http://schema.org/FailedActionStatus"),
         error=view.message or None,
-        object=[_ref(i) for i in (inputs, deployment, source) if i]
-        + ([_ref(models[view.first_round - 1])] if view.first_round - 1 in models else []),
+        object=[_ref(i) for i in (inputs, deployment, source, initial) if i],
         result=[_ref(i) for i in (final, history) if i],
     )
     organize = crate.add(
@@ -263,9 +269,12 @@ def build(view: RunView, out: Path) -> None:
         name="StreamFlow run, supervised by xffl-cwl run",
         instrument=[_ref(engine), _ref(xffl)],
         result=_ref(run),
-        object=[_ref(c) for c in controls],
+        object=[_ref(c) for c in crate.controls],
         startTime=_iso(view.timeline.started),
     )
+    files = [
+        i for i, e in crate.graph.items() if "File" in (e["@type"] if isinstance(e["@type"], list) else [e["@type"]])
+    ]
     crate.add(
         "./",
         "Dataset",
@@ -274,13 +283,9 @@ def build(view: RunView, out: Path) -> None:
         datePublished=datetime.now(UTC).isoformat(timespec="seconds"),
         license=_ref("https://spdx.org/licenses/Apache-2.0"),
         conformsTo=[_ref(p) for p in PROFILES.values()],
-        mainEntity=_ref(main) if main else None,
-        hasPart=[
-            _ref(i)
-            for i, e in crate.graph.items()
-            if ("File" in e["@type"] if isinstance(e["@type"], list) else e["@type"] == "File")
-        ],
-        mentions=[_ref(run), *(_ref(a) for a in actions), _ref(organize)],
+        mainEntity=_ref(crate.main) if crate.main else None,
+        hasPart=[_ref(i) for i in files],
+        mentions=[_ref(run), *(_ref(a) for a in crate.actions), _ref(organize)],
     )
     for name, url in PROFILES.items():
         crate.add(url, "CreativeWork", name=f"{name} profile", version=url.rsplit("/", 1)[-1])
