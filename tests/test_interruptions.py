@@ -40,7 +40,7 @@ def slow_round(tmp_path_factory):
 def test_a_stopped_aggregation_leaves_no_temporary_output(slow_round, tmp_path, sig):
     root, updates = slow_round
     out = tmp_path / "next"
-    args = ["aggregate", "--global", str(root / "global"), "--out", str(out), "--chunk-mb", "0.01"]
+    args = ["aggregate", "--global", str(root / "global"), "--out", str(out), "--chunk-mb", "0.001"]
     args += [a for u in updates for a in ("--update", str(u))]
     proc = subprocess.Popen([sys.executable, "-m", "xffl_cwl.cli", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
