@@ -40,9 +40,17 @@ def slow_round(tmp_path_factory):
 def test_a_stopped_aggregation_leaves_no_temporary_output(slow_round, tmp_path, sig):
     root, updates = slow_round
     out = tmp_path / "next"
-    args = ["aggregate", "--global", str(root / "global"), "--out", str(out), "--chunk-mb", "0.001"]
+    args = ["aggregate", "--global", str(root / "global"), "--out", str(out), "--chunk-mb", "0.01"]
     args += [a for u in updates for a in ("--update", str(u))]
-    proc = subprocess.Popen([sys.executable, "-m", "xffl_cwl.cli", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xffl_cwl.cli", *args],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a shell's background job (a CI script's `cmd &`) starts with SIGINT ignored,
+        # and Python keeps an ignored SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".next.*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
