@@ -154,7 +154,7 @@ def test_report_and_status_of_hostile_records(demo, tmp_path, case):
     from xffl_cwl.report.run_view import read_run
     from xffl_cwl.report.status import status_text
 
-    page = write_report(run_dir).read_text()  # the functions `report` and `status` are thin commands over
+    page = write_report(run_dir)[0].read_text()  # the functions `report` and `status` are thin commands over
     for raw in ("<script", "<img src=x", "<b>x</b>", "\x1b", "\u202e"):
         assert raw not in page, raw
     assert "&lt;script&gt;alert(2)&lt;/script&gt;?[2J" in page  # lumi's reason, shown as text

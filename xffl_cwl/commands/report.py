@@ -21,13 +21,12 @@ def report_command(run_dir: Path, out: Path | None, crate: Path | None) -> None:
     """Write RUN_DIR/report/: plots (PNG) and index.html, a self-contained page with every round and facility."""
     from xffl_cwl.report.page import write_report
 
-    page = write_report(run_dir, out)
+    page, view = write_report(run_dir, out)
     click.echo(f"report: {page}")
     if crate is not None:
         from xffl_cwl.report.ro_crate import export_crate
-        from xffl_cwl.report.run_view import Digests
 
-        click.echo(f"RO-Crate: {export_crate(run_dir, crate, Digests(page.parent / '.digests.json'))}")
+        click.echo(f"RO-Crate: {export_crate(view, crate)}")
 
 
 @click.command("status")

@@ -298,8 +298,8 @@ def report_data(view: RunView) -> dict:
     }
 
 
-def write_report(root: Path, out: Path | None = None) -> Path:
-    """Write RUN/report/ (or `out`) and return the page's path."""
+def write_report(root: Path, out: Path | None = None) -> tuple[Path, RunView]:
+    """Write RUN/report/ (or `out`); the page's path, and the view it showed (for the RO-Crate)."""
     root = Path(root).resolve()
     out = Path(out).resolve() if out else root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -310,4 +310,4 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     page = out / PAGE
     write_text_atomic(page, render(view, images))
     digests.save()
-    return page
+    return page, view

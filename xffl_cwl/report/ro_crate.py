@@ -28,8 +28,7 @@ from xffl_cwl.contract.layout import (
     TOOLS_DIR,
     UPDATE_JSON,
 )
-from xffl_cwl.execution.run_state import completed_rounds
-from xffl_cwl.report.run_view import Digests, RoundView, RunView, read_run
+from xffl_cwl.report.run_view import RoundView, RunView
 from xffl_cwl.report.timeline import Job
 
 METADATA = "ro-crate-metadata.json"
@@ -206,11 +205,10 @@ class _RunCrate(_Crate):
                 location=fr.job.deployment,
             )
         if r.fingerprint:
-            done = completed_rounds(self.view.root).get(r.round)
             record = None
-            if done is not None:
+            if r.model is not None:
                 record = self.file(
-                    self.view.root / done.model / AGGREGATE_JSON,
+                    r.model / AGGREGATE_JSON,
                     f"rounds/{r.round}/{AGGREGATE_JSON}",
                     name=f"round {r.round}'s aggregation",
                 )
@@ -295,11 +293,10 @@ def build(view: RunView, out: Path) -> None:
     (out / METADATA).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def export_crate(root: Path, out: Path, digests: Digests | None = None) -> Path:
-    """Write the crate to `out` (replaced whole: built beside it, then renamed)."""
+def export_crate(view: RunView, out: Path) -> Path:
+    """Write the crate of `view` to `out` (replaced whole: built beside it, then renamed)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    view = read_run(root, digests)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         build(view, tmp)

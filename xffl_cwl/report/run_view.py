@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xffl_cwl.contract.layout import (
+    AGGREGATE_JSON,
     FEDERATION_SOURCE,
     INPUTS_YML,
     MAIN_CWL,
@@ -158,6 +159,7 @@ class RoundView:
     aggregate_seconds: float | None = None
     container: dict[str, str] = field(default_factory=dict)
     facilities: dict[str, FacilityRound] = field(default_factory=dict)
+    model: Path | None = None  # the global model it made (its aggregate.json is inside), once recorded
     aggregate_job: Job | None = None
     evaluate_job: Job | None = None
     complete: bool = False
@@ -339,9 +341,11 @@ def read_run(root: Path, digests: Digests | None = None) -> RunView:
             view.eval_loss = record.eval_loss
         view.aggregate_job = _latest(timeline.jobs, "aggregate", number)
         view.evaluate_job = _latest(timeline.jobs, "evaluate", number)
-        aggregate = _json(root / done[number].model / "aggregate.json") if number in done else None
+
         if number in done:
-            model_bytes[number] = dir_bytes(root / done[number].model)
+            view.model = root / done[number].model
+            model_bytes[number] = dir_bytes(view.model)
+        aggregate = _json(view.model / AGGREGATE_JSON) if view.model is not None else None
         updates: dict[str, Path] = {}
         if view.aggregate_job is not None:
             for value in view.aggregate_job.option("--update"):
